@@ -1,0 +1,39 @@
+# nfacct: `make demo` and `make test` set everything up themselves (Debian 12, as root).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
+                build-essential python3-dev python3-venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing apt packages: $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m nfacct.demo
+
+test: setup
+	$(VENV)/bin/ruff check nfacct tests bench
+	$(VENV)/bin/pytest -v tests
+
+lint: setup
+	$(VENV)/bin/ruff check nfacct tests bench
+	$(VENV)/bin/ruff format --check nfacct tests bench
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

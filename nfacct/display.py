@@ -1,0 +1,60 @@
+"""Human-readable output with rich. Process names come from other users and are hostile until
+escaped: they are shown as plain Text (never markup) with control characters made visible.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .tables import COUNTER_NAMES
+
+
+def safe(text: str) -> Text:
+    """Plain text with control characters shown as escapes, so a name cannot move the cursor."""
+    cleaned = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return Text(cleaned)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="nfacct: per-process traffic")
+    for col in ("PID", "COMMAND", "UID", "TCP snd", "TCP rcv", "UDP snd", "UDP rcv", "CMDLINE"):
+        table.add_column(col, justify="right" if col not in ("COMMAND", "CMDLINE") else "left")
+    for t in tasks:
+        cells = []
+        for proto in ("tcp", "udp"):
+            for d in ("snd", "rcv"):
+                cells.append(f"{t[f'{proto}{d}packs']} pk / {human_bytes(t[f'{proto}{d}bytes'])}")
+        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *cells, safe(t["cmdline"][:60]))
+    console.print(table)
+
+
+def print_status(status: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    eng, q = status["engine"], status["queue"]
+    table = Table(title=f"nfacct status (pid {status['pid']}, netns {status['netns'] or 'own'})", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("packets accounted", str(eng["packets"]))
+    for d, protos in eng["by_protocol"].items():
+        for p, (pk, by) in protos.items():
+            table.add_row(f"  {p} {d}", f"{pk} pk / {human_bytes(by)}")
+    table.add_row("malformed packets", str(eng["malformed_total"]))
+    unid = eng["unidentified"]
+    table.add_row("unidentified packets", str(sum(unid[n] for n in COUNTER_NAMES if n.endswith("packs"))))
+    table.add_row("#sockinfo / #taskinfo", f"{eng['sockinfo']} / {eng['taskinfo']}")
+    table.add_row("attribution in flight", str(status["resolver"]["in_flight"]))
+    for k in ("number", "waiting", "queue_dropped", "user_dropped", "id_sequence", "missed"):
+        if k in q:
+            table.add_row(f"queue {k}", str(q[k]))
+    console.print(table)
