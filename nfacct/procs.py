@@ -9,6 +9,7 @@ a group, so the index is per thread group (the /proc/<pid> entries), as netatop'
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 
 import psutil
@@ -25,26 +26,27 @@ class ProcessFacts:
     uid: int
 
 
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir(PROC) if name.isdigit()]
+def _pids_newest_first() -> list[int]:
+    # Newer processes are likelier owners of a socket we have not seen yet.
+    return sorted((int(name) for name in os.listdir(PROC) if name.isdigit()), reverse=True)
 
 
-def socket_inodes(pid: int) -> list[int]:
-    """Inodes of the sockets process `pid` has open ([] if it is gone or inaccessible)."""
+def socket_fds(pid: int) -> list[tuple[str, int]]:
+    """(fd, inode) of the sockets process `pid` has open ([] if it is gone or inaccessible)."""
     fd_dir = f"{PROC}/{pid}/fd"
-    inodes = []
+    found = []
     try:
         names = os.listdir(fd_dir)
     except OSError:
-        return inodes
+        return found
     for name in names:
         try:
             target = os.readlink(f"{fd_dir}/{name}")
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.append(int(target[8:-1]))
-    return inodes
+            found.append((name, int(target[8:-1])))
+    return found
 
 
 def process_uid(pid: int) -> int | None:
@@ -70,33 +72,71 @@ def process_facts(pid: int) -> ProcessFacts | None:
 
 
 class SocketIndex:
-    """socket inode → pid, learned from /proc and refreshed on a miss."""
+    """socket inode → (pid, fd), learned from /proc and refreshed on a miss.
+
+    A miss is searched in order of likelihood: processes that recently owned new sockets (a
+    client opening connection after connection), then processes of the socket's uid, then all,
+    newest first; so a busy client costs one small fd directory read per new flow.
+    """
+
+    RECENT = 16
 
     def __init__(self) -> None:
-        self._owner: dict[int, int] = {}
+        self._owner: dict[int, tuple[int, str]] = {}
+        self._recent: deque[int] = deque(maxlen=self.RECENT)
         self.scans = 0
+        self.full_scans = 0
 
-    def _scan(self, pids: list[int], index: dict[int, int]) -> None:
+    def _scan(self, pid: int, index: dict[int, tuple[int, str]]) -> None:
         self.scans += 1
-        for pid in pids:
-            for inode in socket_inodes(pid):
-                index[inode] = pid
+        for fd, inode in socket_fds(pid):
+            index[inode] = (pid, fd)
+
+    def _known(self, inode: int) -> int | None:
+        hit = self._owner.get(inode)
+        if hit is None:
+            return None
+        pid, fd = hit
+        try:
+            if os.readlink(f"{PROC}/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                return pid
+        except OSError:
+            pass
+        del self._owner[inode]
+        return None
 
     def owner(self, inode: int, uid: int | None = None) -> int | None:
-        """The pid holding `inode`, scanning /proc if the index does not know it (or is stale)."""
-        pid = self._owner.get(inode)
-        if pid is not None and inode in socket_inodes(pid):
+        """The pid holding `inode`, or None if no live process has it open."""
+        pid = self._known(inode)
+        if pid is not None:
             return pid
-        self._owner.pop(inode, None)
-        pids = _pids()
-        if uid is not None:
-            self._scan([p for p in pids if process_uid(p) == uid], self._owner)
+        scanned = set()
+        for pid in list(self._recent):
+            scanned.add(pid)
+            self._scan(pid, self._owner)
             if inode in self._owner:
-                return self._owner[inode]
+                return self._found(inode)
+        pids = _pids_newest_first()
+        if uid is not None:
+            for pid in pids:
+                if pid not in scanned and process_uid(pid) == uid:
+                    scanned.add(pid)
+                    self._scan(pid, self._owner)
+                    if inode in self._owner:
+                        return self._found(inode)
         # A full scan rebuilds the index, so sockets closed since the last one are forgotten.
-        self._owner = {}
-        self._scan(pids, self._owner)
-        return self._owner.get(inode)
+        self.full_scans += 1
+        fresh: dict[int, tuple[int, str]] = {}
+        for pid in pids:
+            self._scan(pid, fresh)
+        self._owner = fresh
+        return self._found(inode) if inode in fresh else None
+
+    def _found(self, inode: int) -> int:
+        pid = self._owner[inode][0]
+        if pid not in self._recent:
+            self._recent.append(pid)
+        return pid
 
     def __len__(self) -> int:
         return len(self._owner)

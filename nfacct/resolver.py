@@ -1,20 +1,20 @@
-"""Attribution off the packet path: flow → socket (sock_diag) → process (/proc), in a thread.
+"""Attribution: flow → socket (sock_diag) → process (/proc).
 
-The engine submits flows it has not seen; the resolver answers each with the owning process's
-facts or with None once it gives up. Answers are applied by the engine's own thread, so only
-that thread ever touches counters. A flow whose socket is not yet owned by a process (a TCP
-connection still in the accept queue, inode 0) is retried with backoff; a listening socket is
-only accepted as the owner on the last try, because the accepting process is the better answer.
+Runs in the engine's loop between queue batches, never inside the per-packet path: every
+packet of a batch has its verdict before any lookup starts. It runs right after the batch
+that brought a flow's first packet because a short-lived process must be caught while its
+socket is still open. (A thread was tried first: under load the GIL made its /proc scans so
+slow that clients had closed their sockets before being found.)
+
+A flow whose socket is not yet owned by a process (a TCP connection waiting in the accept
+queue has inode 0) is retried with backoff; a listening socket is only accepted as the owner
+on the last try, because the process that accepts is the better answer.
 """
 
 from __future__ import annotations
 
 import heapq
-import os
-import queue
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from .packet import TCP
@@ -35,51 +35,26 @@ class Resolver:
     def __init__(self, sockdiag: SockDiag, index: SocketIndex | None = None):
         self.sockdiag = sockdiag
         self.index = index or SocketIndex()
-        self.answers: deque[Answer] = deque()
-        self._requests: queue.SimpleQueue[tuple[FlowKey, int] | None] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name="nfacct-resolver", daemon=True)
-        self.in_flight = 0
-        self.gave_up = 0
+        self._new: list[tuple[FlowKey, int]] = []
+        self._retries: list[tuple[float, int, FlowKey, int]] = []  # (due, attempt, key, ifindex)
         self.resolved = 0
+        self.gave_up = 0
         self.errors = 0
-        self._thread.start()
 
-    def fileno(self) -> int:
-        """Readable when answers are waiting; the engine's loop selects on it."""
-        return self._wake_r
+    @property
+    def in_flight(self) -> int:
+        return len(self._new) + len(self._retries)
 
     def submit(self, key: FlowKey, ifindex: int) -> None:
-        self.in_flight += 1
-        self._requests.put((key, ifindex))
+        self._new.append((key, ifindex))
 
-    def take_answers(self) -> list[Answer]:
-        try:
-            os.read(self._wake_r, 4096)
-        except BlockingIOError:
-            pass
-        out = []
-        while self.answers:
-            out.append(self.answers.popleft())
-        self.in_flight -= len(out)
-        return out
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._thread.join(timeout=5)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _answer(self, key: FlowKey, facts: ProcessFacts | None) -> None:
-        if facts is None:
-            self.gave_up += 1
-        else:
-            self.resolved += 1
-        self.answers.append(Answer(key, facts))
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full, so a wake-up is already pending
+    def next_due(self) -> float | None:
+        """Seconds until a retry is due (0 when new flows wait), None when idle."""
+        if self._new:
+            return 0.0
+        if self._retries:
+            return max(0.0, self._retries[0][0] - time.monotonic())
+        return None
 
     def attempt(self, key: FlowKey, ifindex: int, last: bool) -> ProcessFacts | None:
         """One try at finding the process that owns flow `key`."""
@@ -92,29 +67,28 @@ class Resolver:
         pid = self.index.owner(entry.inode, entry.uid)
         return process_facts(pid) if pid is not None else None
 
-    def _run(self) -> None:
-        retries: list[tuple[float, int, FlowKey, int]] = []  # (due, attempt, key, ifindex)
-        while True:
-            timeout = max(0.0, retries[0][0] - time.monotonic()) if retries else None
-            try:
-                request = self._requests.get(timeout=timeout)
-            except queue.Empty:
-                request = ...
-            if request is None:
-                return
-            if request is not ...:
-                key, ifindex = request
-                heapq.heappush(retries, (time.monotonic(), 0, key, ifindex))
-            now = time.monotonic()
-            while retries and retries[0][0] <= now:
-                _due, n, key, ifindex = heapq.heappop(retries)
-                last = n == len(RETRY_DELAYS) - 1
-                try:
-                    facts = self.attempt(key, ifindex, last)
-                except Exception:  # noqa: BLE001 - one bad lookup must not stop attribution
-                    self.errors += 1
-                    facts = None
-                if facts is not None or last:
-                    self._answer(key, facts)
-                else:
-                    heapq.heappush(retries, (now + RETRY_DELAYS[n + 1], n + 1, key, ifindex))
+    def _try(self, n: int, key: FlowKey, ifindex: int, now: float, answers: list[Answer]) -> None:
+        last = n == len(RETRY_DELAYS) - 1
+        try:
+            facts = self.attempt(key, ifindex, last)
+        except Exception:  # noqa: BLE001 - one bad lookup must not stop attribution
+            self.errors += 1
+            facts = None
+        if facts is not None or last:
+            self.resolved += facts is not None
+            self.gave_up += facts is None
+            answers.append(Answer(key, facts))
+        else:
+            heapq.heappush(self._retries, (now + RETRY_DELAYS[n + 1], n + 1, key, ifindex))
+
+    def work(self) -> list[Answer]:
+        """Try new flows and the retries that are due; returns what was settled."""
+        answers: list[Answer] = []
+        now = time.monotonic()
+        new, self._new = self._new, []
+        for key, ifindex in new:
+            self._try(0, key, ifindex, now, answers)
+        while self._retries and self._retries[0][0] <= now:
+            _due, n, key, ifindex = heapq.heappop(self._retries)
+            self._try(n, key, ifindex, now, answers)
+        return answers

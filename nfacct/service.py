@@ -46,7 +46,7 @@ class Service:
     def handle(self, cmd: str) -> dict:
         if cmd == "ping":
             return {"ok": True}
-        self.engine.apply_answers(self.resolver.take_answers())
+        self.engine.apply_answers(self.resolver.work())
         if cmd == "top":
             tasks = sorted(self.engine.tables.tasks.values(), key=lambda t: -sum(t.counters[1::2]))
             return {"time": time.time(), "tasks": [t.as_dict() for t in tasks]}
@@ -88,22 +88,22 @@ class Service:
         old_wakeup = signal.set_wakeup_fd(wake_w)
         old_handlers = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
         sel.register(self.queue.fileno(), selectors.EVENT_READ, "queue")
-        sel.register(self.resolver.fileno(), selectors.EVENT_READ, "answers")
         sel.register(self._listener, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         self._running = True
         log.info("accounting queue %d in netns %s", self.queue.number, self.netns or "(own)")
         try:
             while self._running:
-                for key, _ in sel.select(timeout=1.0):
+                due = self.resolver.next_due()
+                for key, _ in sel.select(timeout=1.0 if due is None else min(due, 1.0)):
                     if key.data == "queue":
                         self.queue.dispatch()
-                    elif key.data == "answers":
-                        self.engine.apply_answers(self.resolver.take_answers())
                     elif key.data == "control":
                         control.serve_one(self._listener, self.handle)
                     else:
                         os.read(wake_r, 512)
+                # After the batch: find the owners of the flows it brought while they still exist.
+                self.engine.apply_answers(self.resolver.work())
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
@@ -115,7 +115,6 @@ class Service:
 
     def close(self) -> None:
         self.queue.close()
-        self.resolver.close()
         self.sockdiag.close()
         self._listener.close()
         try:

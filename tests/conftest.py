@@ -1,0 +1,109 @@
+"""Fixtures: throwaway namespaces, the real ruleset and a real daemon, all removed afterwards."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nfacct import control
+from nfacct.lab import Counters, Lab
+from nfacct.rules import Rules
+
+if os.geteuid() != 0:
+    pytest.exit("nfacct's tests need root: they create network namespaces and queue rules", returncode=1)
+
+_ports = itertools.count(41000)
+
+
+def free_port() -> int:
+    """Ports unique within this test session, so counter rules of different tests never overlap."""
+    return next(_ports)
+
+
+class Daemon:
+    """`nfacct run --netns NS` as a real process in the root namespace."""
+
+    def __init__(self, netns: str, tmp_path, queue: int = 0):
+        self.control = str(tmp_path / "control.sock")
+        self.log = tmp_path / "daemon.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "nfacct", "run", "--netns", netns, "--queue", str(queue),
+                 "--control", self.control],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited early: {self.log.read_text()}")
+            try:
+                control.request(self.control, "ping", timeout=1)
+                return
+            except control.ControlError:
+                time.sleep(0.05)
+        raise RuntimeError("daemon did not come up")
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "nfacct", *args, "--control", self.control],
+                              capture_output=True, text=True, check=True).stdout
+
+    def top(self) -> list[dict]:
+        return json.loads(self.cli("top", "--json", "--once"))
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def rules(lab):
+    r = Rules(lab.acct)
+    r.install()
+    yield r
+    r.remove()
+
+
+@pytest.fixture(scope="module")
+def counters(lab, rules):
+    return Counters(lab, lab.acct)
+
+
+@pytest.fixture(scope="module")
+def daemon(lab, rules, tmp_path_factory):
+    d = Daemon(lab.acct, tmp_path_factory.mktemp("daemon"))
+    yield d
+    assert d.stop() == 0, d.log.read_text()
+    assert not os.path.exists(d.control), "the daemon left its control socket behind"
+
+
+@pytest.fixture
+def port():
+    """A function returning a fresh port number per call."""
+    return free_port
+
+
+@pytest.fixture
+def procs():
+    """Processes a test starts; all are ended at teardown."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
