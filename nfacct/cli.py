@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="install, remove or show the queue ruleset")
     rsub = rules.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_text in (("install", "install the ruleset (idempotent)"),
-                            ("remove", "remove every nfacct rule"),
-                            ("show", "show the active backend and rules")):
+    for name, help_text in (
+        ("install", "install the ruleset (idempotent)"),
+        ("remove", "remove every nfacct rule"),
+        ("show", "show the active backend and rules"),
+    ):
         a = rsub.add_parser(name, help=help_text)
         a.add_argument("--netns", metavar="NS", help="named network namespace (default: the current one)")
         if name == "install":
@@ -85,8 +87,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .service import Service  # needs netfilterqueue; keep `rules` usable without it
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="nfacct: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="nfacct: %(message)s")
     Service(args.netns, args.queue, args.control).run()
     return 0
 
@@ -128,5 +129,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-

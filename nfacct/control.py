@@ -76,7 +76,7 @@ def serve_one(listener: socket.socket, handler) -> None:
                 cmd = json.loads(data)["cmd"]
                 answer = handler(cmd)
             except (ValueError, KeyError, TypeError):
-                answer = {"error": "bad request: expected one JSON line like {\"cmd\": \"status\"}"}
+                answer = {"error": 'bad request: expected one JSON line like {"cmd": "status"}'}
             conn.sendall(json.dumps(answer).encode() + b"\n")
         except OSError:
             pass  # a client that goes away mid-answer is its own problem

@@ -4,6 +4,8 @@ escaped: they are shown as plain Text (never markup) with control characters mad
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -17,32 +19,44 @@ def safe(text: str) -> Text:
     return Text(cleaned)
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def human_bytes(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
-    return str(n)
+    raise AssertionError("unreachable")
+
+
+def default_console() -> Console:
+    # Piped output has no terminal width to fit; 80 columns would squeeze the table unreadable.
+    return Console() if sys.stdout.isatty() else Console(width=140)
 
 
 def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
-    console = console or Console()
-    table = Table(title="nfacct: per-process traffic")
-    for col in ("PID", "COMMAND", "UID", "TCP snd", "TCP rcv", "UDP snd", "UDP rcv", "CMDLINE"):
-        table.add_column(col, justify="right" if col not in ("COMMAND", "CMDLINE") else "left")
+    console = console or default_console()
+    table = Table(title="nfacct: per-process traffic (packets/bytes)")
+    table.add_column("PID", justify="right", no_wrap=True)
+    table.add_column("COMMAND", no_wrap=True)
+    table.add_column("UID", justify="right", no_wrap=True)
+    for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("CMDLINE", no_wrap=True, overflow="ellipsis", max_width=50)
     for t in tasks:
-        cells = []
-        for proto in ("tcp", "udp"):
-            for d in ("snd", "rcv"):
-                cells.append(f"{t[f'{proto}{d}packs']} pk / {human_bytes(t[f'{proto}{d}bytes'])}")
-        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *cells, safe(t["cmdline"][:60]))
+        cells = [
+            f"{t[f'{proto}{d}packs']}/{human_bytes(t[f'{proto}{d}bytes'])}"
+            for proto in ("tcp", "udp")
+            for d in ("snd", "rcv")
+        ]
+        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *cells, safe(t["cmdline"]))
     console.print(table)
 
 
 def print_status(status: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or default_console()
     eng, q = status["engine"], status["queue"]
-    table = Table(title=f"nfacct status (pid {status['pid']}, netns {status['netns'] or 'own'})", show_header=False)
+    table = Table(
+        title=f"nfacct status (pid {status['pid']}, netns {status['netns'] or 'own'})", show_header=False
+    )
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("packets accounted", str(eng["packets"]))

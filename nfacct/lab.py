@@ -39,9 +39,24 @@ class Lab:
                 self._made.append(ns)
                 _ip("-n", ns, "link", "set", "lo", "up")
             # veth names are per namespace once moved, so they need not be unique.
-            _ip("-n", self.acct, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-                "netns", self.peer)
-            for ns, dev, v4, v6 in ((self.acct, "veth0", ACCT_V4, ACCT_V6), (self.peer, "veth1", PEER_V4, PEER_V6)):
+            _ip(
+                "-n",
+                self.acct,
+                "link",
+                "add",
+                "veth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "veth1",
+                "netns",
+                self.peer,
+            )
+            for ns, dev, v4, v6 in (
+                (self.acct, "veth0", ACCT_V4, ACCT_V6),
+                (self.peer, "veth1", PEER_V4, PEER_V6),
+            ):
                 _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
                 _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
                 _ip("-n", ns, "link", "set", dev, "up")
@@ -92,7 +107,7 @@ class Counters:
 
     def add(self, name: str, chain: str, match: str) -> None:
         """Count packets matching `match` (nft syntax) in chain `out` or `in` under `name`."""
-        lab_rule = f"add rule inet {self.TABLE} {chain} {match} counter comment \"{name}\"\n"
+        lab_rule = f'add rule inet {self.TABLE} {chain} {match} counter comment "{name}"\n'
         self.lab.run(self.ns, ["nft", "-f", "-"], input=lab_rule)
 
     def read(self) -> dict[str, tuple[int, int]]:

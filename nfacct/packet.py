@@ -115,7 +115,7 @@ def _parse_ipv6(data: bytes) -> Parsed | Malformed:
 def _transport(
     version: int, proto: int, src: bytes, dst: bytes, data: bytes, off: int, total: int, frag_id: int
 ) -> Parsed | Malformed:
-    if proto == TCP or proto == UDP:
+    if proto in (TCP, UDP):
         if off + 4 > len(data) or off + 4 > total:
             return Malformed("truncated-transport", total)
         sport, dport = _ports.unpack_from(data, off)

@@ -125,7 +125,9 @@ class Queue:
         finally:
             nl.close()  # NetfilterQueue keeps its own duplicate
         try:
-            self._nfq.bind(number, callback, max_len=QUEUE_MAXLEN, mode=COPY_PACKET, range=COPY_RANGE, sock_len=RCVBUF)
+            self._nfq.bind(
+                number, callback, max_len=QUEUE_MAXLEN, mode=COPY_PACKET, range=COPY_RANGE, sock_len=RCVBUF
+            )
         except OSError as e:
             raise QueueError(
                 f"cannot bind NFQUEUE {number}: {e} (is another nfacct or NFQUEUE consumer bound to it?)"

@@ -71,7 +71,7 @@ class Resolver:
         last = n == len(RETRY_DELAYS) - 1
         try:
             facts = self.attempt(key, ifindex, last)
-        except Exception:  # noqa: BLE001 - one bad lookup must not stop attribution
+        except Exception:
             self.errors += 1
             facts = None
         if facts is not None or last:

@@ -76,7 +76,9 @@ class Rules:
         if netns_name is not None:
             netns.netns_path(netns_name)  # raises NetnsError with a clear message
 
-    def _run(self, argv: list[str], check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    def _run(
+        self, argv: list[str], check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
             netns.command(argv, self.netns), input=stdin, capture_output=True, text=True, check=False
         )

@@ -5,6 +5,7 @@ live in that namespace instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -27,12 +28,21 @@ class Service:
         self.netns = netns
         self.started = time.time()
         self.control_path = control_path
-        self._listener = control.listen(control_path)
+        self._running = False
         self.sockdiag = SockDiag(netns)
         self.resolver = Resolver(self.sockdiag)
         self.engine = Engine(submit=self.resolver.submit)
-        self.queue = Queue(queue, self._on_packet, netns)
-        self._running = False
+        try:
+            self.queue = Queue(queue, self._on_packet, netns)
+        except BaseException:
+            self.sockdiag.close()
+            raise
+        try:
+            self._listener = control.listen(control_path)
+        except BaseException:
+            self.queue.close()
+            self.sockdiag.close()
+            raise
 
     def _on_packet(self, pkt: Packet) -> None:
         # The verdict goes first: accounting never holds a packet back.
@@ -40,7 +50,7 @@ class Service:
         try:
             outgoing = pkt.hook == HOOK_LOCAL_OUT
             self.engine.account(pkt.get_payload(), outgoing, pkt.outdev if outgoing else pkt.indev)
-        except Exception:  # noqa: BLE001 - the engine must survive any packet
+        except Exception:
             self.engine.errors += 1
 
     def handle(self, cmd: str) -> dict:
@@ -117,7 +127,5 @@ class Service:
         self.queue.close()
         self.sockdiag.close()
         self._listener.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
-        except FileNotFoundError:
-            pass

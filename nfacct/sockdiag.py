@@ -58,8 +58,18 @@ def _pad16(addr: bytes) -> bytes:
     return addr + bytes(16 - len(addr))
 
 
-def _encode_request(family: int, proto: int, sport: int, dport: int, src: bytes, dst: bytes,
-                    ifindex: int, states: int, seq: int, flags: int) -> bytes:
+def _encode_request(
+    family: int,
+    proto: int,
+    sport: int,
+    dport: int,
+    src: bytes,
+    dst: bytes,
+    ifindex: int,
+    states: int,
+    seq: int,
+    flags: int,
+) -> bytes:
     body = struct.pack("=BBBxI", family, proto, 0, states)
     body += _sockid.pack(sport, dport, _pad16(src), _pad16(dst))
     body += struct.pack("=III", ifindex, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
@@ -122,8 +132,9 @@ class SockDiag:
                             return entries
                 off += (length + 3) & ~3
 
-    def lookup(self, proto: int, local: bytes, lport: int, remote: bytes, rport: int,
-               ifindex: int = 0) -> SockEntry | None:
+    def lookup(
+        self, proto: int, local: bytes, lport: int, remote: bytes, rport: int, ifindex: int = 0
+    ) -> SockEntry | None:
         """Exact lookup of the socket that owns a flow, as the kernel would deliver to it.
 
         TCP is keyed local→remote; UDP is looked up the way an incoming datagram is delivered
@@ -137,7 +148,9 @@ class SockDiag:
         else:
             return None
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        msg = _encode_request(family, proto, sport, dport, src, dst, ifindex, ALL_STATES, self._seq, NLM_F_REQUEST)
+        msg = _encode_request(
+            family, proto, sport, dport, src, dst, ifindex, ALL_STATES, self._seq, NLM_F_REQUEST
+        )
         try:
             entries = self._request(msg)
         except SockDiagError:

@@ -48,13 +48,19 @@ class TaskInfo:
     first_seen: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict:
-        d = {"pid": self.pid, "btime": self.btime, "comm": self.comm, "cmdline": self.cmdline, "uid": self.uid}
+        d = {
+            "pid": self.pid,
+            "btime": self.btime,
+            "comm": self.comm,
+            "cmdline": self.cmdline,
+            "uid": self.uid,
+        }
         d.update(zip(COUNTER_NAMES, self.counters, strict=True))
         return d
 
 
 class SockInfo:
-    __slots__ = ("key", "counters", "task", "state", "last_seen")
+    __slots__ = ("counters", "key", "last_seen", "state", "task")
 
     PENDING, RESOLVED, UNIDENTIFIED = "pending", "resolved", "unidentified"
 

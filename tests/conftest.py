@@ -34,9 +34,20 @@ class Daemon:
         self.log = tmp_path / "daemon.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nfacct", "run", "--netns", netns, "--queue", str(queue),
-                 "--control", self.control],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "nfacct",
+                    "run",
+                    "--netns",
+                    netns,
+                    "--queue",
+                    str(queue),
+                    "--control",
+                    self.control,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -50,8 +61,12 @@ class Daemon:
         raise RuntimeError("daemon did not come up")
 
     def cli(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "nfacct", *args, "--control", self.control],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "nfacct", *args, "--control", self.control],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     def top(self) -> list[dict]:
         return json.loads(self.cli("top", "--json", "--once"))

@@ -61,9 +61,33 @@ def start(lab, procs, ns, *args):
 def test_tcp_client_matches_kernel_counters(lab, counters, daemon, procs, port, server):
     sport, port = port(), port()
     names = expect_flows(counters, "tcp", sport)
-    start(lab, procs, lab.peer, "echo-server", "--bind", "::" if ":" in server else "0.0.0.0", "--port", str(port))
-    client, report = start(lab, procs, lab.acct, "client", "--connect", server, "--port", str(port),
-                           "--sport", str(sport), "--size", "200000", "--rounds", "10", "--hold")
+    start(
+        lab,
+        procs,
+        lab.peer,
+        "echo-server",
+        "--bind",
+        "::" if ":" in server else "0.0.0.0",
+        "--port",
+        str(port),
+    )
+    client, report = start(
+        lab,
+        procs,
+        lab.acct,
+        "client",
+        "--connect",
+        server,
+        "--port",
+        str(port),
+        "--sport",
+        str(sport),
+        "--size",
+        "200000",
+        "--rounds",
+        "10",
+        "--hold",
+    )
     assert report["received"] == 2_000_000
     assert_equal_to_kernel(daemon, counters, client.pid, "tcp", names)
 
@@ -72,10 +96,37 @@ def test_tcp_client_matches_kernel_counters(lab, counters, daemon, procs, port, 
 def test_udp_client_matches_kernel_counters(lab, counters, daemon, procs, port, server):
     sport, port = port(), port()
     names = expect_flows(counters, "udp", sport)
-    start(lab, procs, lab.peer, "echo-server", "--proto", "udp", "--bind", "::" if ":" in server else "0.0.0.0",
-          "--port", str(port))
-    client, _ = start(lab, procs, lab.acct, "client", "--proto", "udp", "--connect", server, "--port", str(port),
-                      "--sport", str(sport), "--size", "1200", "--rounds", "50", "--hold")
+    start(
+        lab,
+        procs,
+        lab.peer,
+        "echo-server",
+        "--proto",
+        "udp",
+        "--bind",
+        "::" if ":" in server else "0.0.0.0",
+        "--port",
+        str(port),
+    )
+    client, _ = start(
+        lab,
+        procs,
+        lab.acct,
+        "client",
+        "--proto",
+        "udp",
+        "--connect",
+        server,
+        "--port",
+        str(port),
+        "--sport",
+        str(sport),
+        "--size",
+        "1200",
+        "--rounds",
+        "50",
+        "--hold",
+    )
     assert_equal_to_kernel(daemon, counters, client.pid, "udp", names)
 
 
@@ -87,8 +138,21 @@ def test_udp_server_that_only_receives_is_identified(lab, counters, daemon, proc
     sink = lab.role(lab.acct, "sink", "--bind", bind, "--port", str(port), "--count", "40", "--hold")
     procs.append(sink)
     assert json.loads(sink.stdout.readline())["ready"]
-    start(lab, procs, lab.peer, "sender", "--connect", target, "--port", str(port), "--count", "40",
-          "--size", "300", "--hold")
+    start(
+        lab,
+        procs,
+        lab.peer,
+        "sender",
+        "--connect",
+        target,
+        "--port",
+        str(port),
+        "--count",
+        "40",
+        "--size",
+        "300",
+        "--hold",
+    )
     assert json.loads(sink.stdout.readline())["received"] == 40 * 300
     assert_equal_to_kernel(daemon, counters, sink.pid, "udp", names)
     kernel = kernel_view(counters, "udp", names)
@@ -101,8 +165,23 @@ def test_loopback_tcp_counts_for_both_ends(lab, counters, daemon, procs, port, a
     client_names = expect_flows(counters, "tcp", sport)
     server_names = expect_flows(counters, "tcp", port)
     server, _ = start(lab, procs, lab.acct, "echo-server", "--bind", addr, "--port", str(port))
-    client, _ = start(lab, procs, lab.acct, "client", "--connect", addr, "--port", str(port),
-                      "--sport", str(sport), "--size", "50000", "--rounds", "20", "--hold")
+    client, _ = start(
+        lab,
+        procs,
+        lab.acct,
+        "client",
+        "--connect",
+        addr,
+        "--port",
+        str(port),
+        "--sport",
+        str(sport),
+        "--size",
+        "50000",
+        "--rounds",
+        "20",
+        "--hold",
+    )
     assert_equal_to_kernel(daemon, counters, client.pid, "tcp", client_names)
     assert_equal_to_kernel(daemon, counters, server.pid, "tcp", server_names)
 

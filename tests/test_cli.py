@@ -1,0 +1,75 @@
+"""The command line: wrong input gets one clear line and a non-zero exit; output is escaped."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from nfacct.display import print_tasks
+from nfacct.tables import COUNTER_NAMES
+
+
+def nfacct(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "nfacct", *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ("rules", "install", "--netns", "nfacct-missing-ns"),
+            1,
+            "network namespace 'nfacct-missing-ns' does not exist",
+        ),
+        (
+            ("run", "--netns", "nfacct-missing-ns", "--control", "/tmp/nfacct-test-missing.sock"),
+            1,
+            "does not exist",
+        ),
+        (
+            ("top", "--once", "--control", "/nonexistent/nfacct.sock"),
+            1,
+            "no nfacct daemon at /nonexistent/nfacct.sock",
+        ),
+        (("status", "--control", "/nonexistent/nfacct.sock"), 1, "no nfacct daemon"),
+        (("rules", "install", "--queue", "70000"), 2, "queue number 70000 is out of range"),
+        (("run", "--queue", "abc"), 2, "argument --queue: queue number must be an integer, not 'abc'"),
+        (("rules", "install", "--bogus"), 2, "unrecognized arguments: --bogus"),
+        (("rules", "install", "--backend", "pf"), 2, "invalid choice: 'pf'"),
+    ],
+)
+def test_bad_input_names_the_problem(args, code, message):
+    r = nfacct(*args)
+    assert r.returncode == code
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    if code == 1:
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.exists("/tmp/nfacct-test-missing.sock"), "a failed start left its socket behind"
+
+
+def test_not_root_is_a_clear_error():
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv missing")
+    r = nfacct("rules", "show", user="65534")
+    assert r.returncode == 1
+    assert "needs root" in r.stderr
+
+
+def test_hostile_process_names_are_escaped_in_tables():
+    task = dict.fromkeys(COUNTER_NAMES, 1)
+    task.update(pid=1, btime=0, uid=0, comm="\x1b[2J\x1b[31mevil[/bold]", cmdline="x\x07\r\nrm -rf")
+    out = io.StringIO()
+    print_tasks([task], Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert "\\x1b[2J" in text and "[/bold]" in text  # shown literally, not interpreted

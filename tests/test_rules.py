@@ -1,0 +1,139 @@
+"""The ruleset installer against the real kernel, in throwaway namespaces."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+
+import pytest
+
+from nfacct.lab import PEER_V4, Counters, Lab
+from nfacct.rules import Rules, RulesError, render_nft
+
+
+@pytest.fixture
+def fresh_lab():
+    with Lab("nfr") as lab:
+        yield lab
+
+
+def ruleset(lab: Lab) -> str:
+    text = lab.run(lab.acct, ["nft", "list", "ruleset"]).stdout
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", text)
+
+
+def kernel_has_nft_queue() -> bool | None:
+    if not os.path.exists("/proc/config.gz"):
+        return None
+    with gzip.open("/proc/config.gz", "rt") as f:
+        config = f.read()
+    return bool(re.search(r"^CONFIG_NFT_QUEUE=[ym]$", config, re.M))
+
+
+def test_backend_detection_agrees_with_the_kernel_config(fresh_lab):
+    truth = kernel_has_nft_queue()
+    if truth is None:
+        pytest.skip("no /proc/config.gz to compare with")
+    rules = Rules(fresh_lab.acct)
+    assert rules.native_queue_supported() is truth
+    assert ruleset(fresh_lab) == "", "detection must not change the ruleset"
+    assert rules.install() == ("nft" if truth else "iptables-nft")
+    assert rules.show().backend == ("nft" if truth else "iptables-nft")
+
+
+def test_install_is_idempotent_and_remove_leaves_nothing(fresh_lab):
+    before = ruleset(fresh_lab)
+    rules = Rules(fresh_lab.acct)
+    rules.install(queue=3)
+    once = ruleset(fresh_lab)
+    rules.install(queue=3)
+    assert ruleset(fresh_lab) == once
+    assert "queue num 3 bypass" in once or "queue to 3 bypass" in once
+    state = rules.show()
+    assert state.queue == 3 and state.backend != "none"
+    rules.remove()
+    assert ruleset(fresh_lab) == before
+    assert rules.show().backend == "none"
+    rules.remove()  # removing twice is not an error
+
+
+def test_install_changes_the_queue_number_in_place(fresh_lab):
+    rules = Rules(fresh_lab.acct)
+    rules.install(queue=1)
+    rules.install(queue=2)
+    text = ruleset(fresh_lab)
+    assert "queue num 2" in text and "queue num 1 " not in text
+    rules.remove()
+
+
+def test_remove_keeps_foreign_iptables_rules(fresh_lab):
+    fresh_lab.run(
+        fresh_lab.acct, ["iptables-nft", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"]
+    )
+    rules = Rules(fresh_lab.acct)
+    rules.install(backend="iptables-nft")
+    rules.remove()
+    text = ruleset(fresh_lab)
+    assert "tcp dport 9" in text and "NFACCT" not in text
+
+
+def test_native_backend_refused_cleanly_when_kernel_lacks_nft_queue(fresh_lab):
+    if kernel_has_nft_queue() is not False:
+        pytest.skip("this kernel has nft_queue")
+    with pytest.raises(RulesError, match="nft -f"):
+        Rules(fresh_lab.acct).install(backend="nft")
+    assert ruleset(fresh_lab) == ""
+
+
+def test_render_native_ruleset():
+    text = render_nft(5)
+    assert "queue num 5 bypass" in text
+    assert "hook output" in text and "hook input" in text
+    assert "meta mark 0x6e666163 accept" in text
+
+
+def test_missing_namespace_is_a_clear_error():
+    with pytest.raises(Exception, match="does not exist"):
+        Rules("nfacct-no-such-ns")
+
+
+def test_traffic_flows_through_installed_rules_without_a_daemon(fresh_lab):
+    """bypass: with nobody bound to the queue, packets are accepted, not dropped."""
+    rules = Rules(fresh_lab.acct)
+    rules.install()
+    counters = Counters(fresh_lab, fresh_lab.acct)
+    counters.add("after-queue", "out", "tcp dport 7007")
+    server = fresh_lab.role(fresh_lab.peer, "echo-server", "--port", "7007")
+    try:
+        server.stdout.readline()
+        out = fresh_lab.run(
+            fresh_lab.acct,
+            [
+                "timeout",
+                "10",
+                os.sys.executable,
+                "-m",
+                "nfacct.lab",
+                "client",
+                "--connect",
+                PEER_V4,
+                "--port",
+                "7007",
+                "--size",
+                "10000",
+                "--rounds",
+                "5",
+            ],
+        )
+        assert '"received": 50000' in out.stdout
+        assert counters.read()["after-queue"][0] > 0
+        if rules.show().backend == "iptables-nft":  # iptables-nft counts what its queue rule saw
+            assert re.search(
+                r"counter packets [1-9]\d* bytes \d+ queue num 0 bypass",
+                fresh_lab.run(fresh_lab.acct, ["nft", "list", "ruleset"]).stdout,
+            )
+    finally:
+        server.kill()
+        server.wait()
+        rules.remove()
