@@ -12,16 +12,16 @@ from collections import OrderedDict
 
 from .packet import ICMP, ICMPV6, TCP, UDP, Malformed, parse
 from .resolver import Answer
-from .tables import COUNTER_NAMES, SockInfo, Tables, counter_base
+from .tables import GcConfig, SockInfo, Tables, counter_base
 
 PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 FRAGMENT_MEMORY = 4096  # first fragments remembered, to attribute the fragments that follow
 
 
 class Engine:
-    def __init__(self, submit=None):
-        """`submit(key, ifindex)` receives each new flow for attribution."""
-        self.tables = Tables()
+    def __init__(self, submit=None, config: GcConfig | None = None):
+        """`submit(key, ifindex)` receives each flow whose owner must be looked up."""
+        self.tables = Tables(config)
         self.submit = submit or (lambda key, ifindex: None)
         self.packets = 0
         self.errors = 0
@@ -62,15 +62,25 @@ class Engine:
             key = (proto, p.src, sport, p.dst, dport)
         else:
             key = (proto, p.dst, dport, p.src, sport)
-        si = self.tables.socks.get(key)
+        tables = self.tables
+        si = tables.socks.get(key)
         if now is None:
             now = time.monotonic()
+        slot = counter_base(proto) + (0 if outgoing else 2)
         if si is None:
-            si = self.tables.socks[key] = SockInfo(key, now)
+            if len(tables.socks) >= tables.config.max_sockinfo:
+                tables.sock_overflow += 1
+                c = tables.unidentified
+                c[slot] += 1
+                c[slot + 1] += p.length
+                return
+            si = tables.add_sock(key, now)
             self.submit(key, ifindex)
         else:
             si.last_seen = now
-        slot = counter_base(proto) + (0 if outgoing else 2)
+            if si.state == SockInfo.ORPHANED:
+                si.state = SockInfo.RECHECK
+                self.submit(key, ifindex)
         c = si.counters
         c[slot] += 1
         c[slot + 1] += p.length
@@ -82,24 +92,19 @@ class Engine:
             if si is None:
                 continue
             f = answer.facts
-            if f is None:
+            task = None if f is None else tables.task(f.pid, f.btime, f.comm, f.cmdline, f.uid, f.cgroup)
+            if task is None:
                 si.give_up(tables.unidentified)
             else:
-                si.resolve(tables.task(f.pid, f.btime, f.comm, f.cmdline, f.uid))
+                si.resolve(task)
 
     def status(self) -> dict:
-        states = {SockInfo.PENDING: 0, SockInfo.RESOLVED: 0, SockInfo.UNIDENTIFIED: 0}
-        for si in self.tables.socks.values():
-            states[si.state] += 1
         return {
             "packets": self.packets,
             "by_protocol": self.by_proto,
             "malformed": dict(self.malformed),
             "malformed_total": sum(self.malformed.values()),
             "unattributed_fragments": self.unattributed_fragments,
-            "unidentified": dict(zip(COUNTER_NAMES, self.tables.unidentified, strict=True)),
-            "sockinfo": len(self.tables.socks),
-            "sockinfo_by_state": states,
-            "taskinfo": len(self.tables.tasks),
+            **self.tables.status(),
             "errors": self.errors,
         }

@@ -24,6 +24,7 @@ class ProcessFacts:
     comm: str
     cmdline: str
     uid: int
+    cgroup: str  # cgroup v2 path ("" if unknown)
 
 
 def _pids_newest_first() -> list[int]:
@@ -66,9 +67,27 @@ def process_facts(pid: int) -> ProcessFacts | None:
             cmdline = " ".join(p.cmdline())
         with open(f"{PROC}/{pid}/comm", "rb") as f:
             comm = f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
+        cgroup = read_cgroup(pid)
     except (psutil.Error, OSError):
         return None
-    return ProcessFacts(pid, btime, comm, cmdline, uid)
+    return ProcessFacts(pid, btime, comm, cmdline, uid, cgroup)
+
+
+def read_cgroup(pid: int) -> str:
+    with open(f"{PROC}/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].rstrip("\n")
+    return ""
+
+
+def is_alive(pid: int, btime: float) -> bool:
+    """Whether process (pid, btime) still runs: not gone, not a zombie, pid not reused."""
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() - btime) < 0.01
+    except psutil.Error:
+        return False
 
 
 class SocketIndex:

@@ -34,6 +34,7 @@ _msg = struct.Struct("=BBBB")
 _sockid = struct.Struct("!HH16s16s")
 _MSG_SIZE = 72
 NLM_F_MULTI = 2
+_V4MAPPED = bytes(10) + b"\xff\xff"
 _nlattr = struct.Struct("=HH")
 
 
@@ -91,7 +92,10 @@ def decode_message(buf: bytes, off: int, length: int) -> SockEntry:
         if nla_type & 0x3FFF == INET_DIAG_CGROUP_ID and nla_len >= 12:
             (cgroup_id,) = struct.unpack_from("=Q", buf, pos + 4)
         pos += (nla_len + 3) & ~3
-    return SockEntry(family, state, src[:alen], sport, dst[:alen], dport, uid, inode, cgroup_id)
+    local, remote = src[:alen], dst[:alen]
+    if alen == 16 and local[:12] == _V4MAPPED and remote[:12] in (_V4MAPPED, bytes(12)):
+        local, remote = local[12:], remote[12:]  # a dual-stack socket on IPv4: keyed like IPv4 packets
+    return SockEntry(family, state, local, sport, remote, dport, uid, inode, cgroup_id)
 
 
 class SockDiag:
@@ -161,3 +165,68 @@ class SockDiag:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         msg = _encode_request(family, proto, 0, 0, b"", b"", 0, states, self._seq, NLM_F_REQUEST | NLM_F_DUMP)
         return self._request(msg)
+
+
+SKNLGRP_INET_TCP_DESTROY = 1
+SKNLGRP_INET_UDP_DESTROY = 2
+SKNLGRP_INET6_TCP_DESTROY = 3
+SKNLGRP_INET6_UDP_DESTROY = 4
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+
+
+class DestroyEvents:
+    """sock_diag's destroy multicast groups: the kernel reports each TCP/UDP socket it frees."""
+
+    def __init__(self, netns_name: str | None = None):
+        with netns.entered(netns_name):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self._sock.bind((0, 0))
+            for group in (
+                SKNLGRP_INET_TCP_DESTROY,
+                SKNLGRP_INET_UDP_DESTROY,
+                SKNLGRP_INET6_TCP_DESTROY,
+                SKNLGRP_INET6_UDP_DESTROY,
+            ):
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        except OSError as e:
+            self._sock.close()
+            raise SockDiagError(f"sock_diag destroy events unavailable: {e.strerror}") from e
+        self._sock.setblocking(False)
+        self.overruns = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> list[tuple[int, SockEntry]]:
+        """(protocol, socket) of every socket destroyed since the last read."""
+        out: list[tuple[int, SockEntry]] = []
+        while True:
+            try:
+                buf, (_pid, groups) = self._sock.recvfrom(1 << 16)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    continue
+                raise
+            # The message does not carry the protocol; the group it was sent to does.
+            proto = (
+                TCP
+                if groups & (1 << (SKNLGRP_INET_TCP_DESTROY - 1) | 1 << (SKNLGRP_INET6_TCP_DESTROY - 1))
+                else UDP
+            )
+            off = 0
+            while off + _nlmsghdr.size <= len(buf):
+                length, msg_type = _nlmsghdr.unpack_from(buf, off)[:2]
+                if length < _nlmsghdr.size:
+                    break
+                if msg_type == SOCK_DIAG_BY_FAMILY and length >= 16 + _MSG_SIZE:
+                    out.append((proto, decode_message(buf, off + 16, length - 16)))
+                off += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._sock.close()

@@ -1,4 +1,5 @@
-"""netatop's two tables: sockinfo (one per flow) and taskinfo (one per process).
+"""netatop's two tables: sockinfo (one per flow) and taskinfo (one per process), with their
+garbage collection and memory limits.
 
 Every sockinfo points at a counter array: its own temporary one while the owner is unknown
 (netatop's "temporary counters"), the owning task's once it is known, or the engine's
@@ -38,14 +39,30 @@ def add_counters(into: list[int], source: list[int]) -> None:
 
 
 @dataclass
+class GcConfig:
+    """netatop's defaults; all seconds."""
+
+    cycle: float = 15.0
+    tcp_idle: float = 30 * 60.0
+    udp_idle: float = 16.0  # UDP sockinfo whose local port is above 1024
+    unreferenced_idle: float = 60.0  # owner unknown or exited
+    closed_idle: float = 2.0  # the kernel reported the socket destroyed
+    max_sockinfo: int = 200_000
+    max_taskinfo: int = 50_000
+
+
+@dataclass(eq=False)
 class TaskInfo:
     pid: int
     btime: float
     comm: str
     cmdline: str
     uid: int
+    cgroup: str = ""
     counters: list[int] = field(default_factory=new_counters)
-    first_seen: float = field(default_factory=time.time)
+    exit_time: float | None = None
+    saved: list[int] | None = None  # counters as last written to exited_tasks
+    socks: set = field(default_factory=set)  # keys of the sockinfos counting for us
 
     def as_dict(self) -> dict:
         d = {
@@ -54,15 +71,44 @@ class TaskInfo:
             "comm": self.comm,
             "cmdline": self.cmdline,
             "uid": self.uid,
+            "cgroup": self.cgroup,
         }
         d.update(zip(COUNTER_NAMES, self.counters, strict=True))
         return d
 
+    def row(self) -> dict:
+        """The task as a row of exited_tasks / live_tasks."""
+        d = {
+            "pid": self.pid,
+            "btime": self.btime,
+            "command": self.comm,
+            "cmdline": self.cmdline,
+            "uid": self.uid,
+            "cgroup": self.cgroup,
+        }
+        if self.exit_time is not None:
+            d["exit_time"] = self.exit_time
+        d.update(zip(COUNTER_NAMES, self.counters, strict=True))
+        return d
+
+    @property
+    def total(self) -> int:
+        return sum(self.counters[1::2])
+
 
 class SockInfo:
-    __slots__ = ("counters", "key", "last_seen", "state", "task")
+    __slots__ = ("closed", "counters", "key", "last_seen", "state", "task")
 
-    PENDING, RESOLVED, UNIDENTIFIED = "pending", "resolved", "unidentified"
+    # PENDING: owner being looked up, counting on temporary counters. RESOLVED: counting for
+    # `task`. ORPHANED: `task` exited while the socket may live on in another process; the next
+    # packet asks again. RECHECK: that question is in flight. UNIDENTIFIED: nobody found.
+    PENDING, RESOLVED, ORPHANED, RECHECK, UNIDENTIFIED = (
+        "pending",
+        "resolved",
+        "orphaned",
+        "recheck",
+        "unidentified",
+    )
 
     def __init__(self, key: FlowKey, now: float):
         self.key = key
@@ -70,27 +116,133 @@ class SockInfo:
         self.task: TaskInfo | None = None
         self.state = SockInfo.PENDING
         self.last_seen = now
+        self.closed = False
 
     def resolve(self, task: TaskInfo) -> None:
-        """Hand the temporary counters to the task; later packets count for it directly."""
+        """Count for `task` from now on: temporary counters move to it; a previous owner keeps its own."""
         if self.state == SockInfo.PENDING:
             add_counters(task.counters, self.counters)
+        if self.task is not None:
+            self.task.socks.discard(self.key)
+        task.socks.add(self.key)
         self.task, self.counters, self.state = task, task.counters, SockInfo.RESOLVED
 
     def give_up(self, unidentified: list[int]) -> None:
-        add_counters(unidentified, self.counters)
-        self.counters, self.state = unidentified, SockInfo.UNIDENTIFIED
+        if self.state == SockInfo.PENDING:
+            add_counters(unidentified, self.counters)
+            self.counters, self.state = unidentified, SockInfo.UNIDENTIFIED
+        else:  # a re-check found nobody new: late packets keep counting for the old owner
+            self.state = SockInfo.RESOLVED
 
 
 class Tables:
-    def __init__(self) -> None:
+    def __init__(self, config: GcConfig | None = None) -> None:
+        self.config = config or GcConfig()
         self.socks: dict[FlowKey, SockInfo] = {}
+        self._by_port: dict[tuple[int, int], set[FlowKey]] = {}  # (proto, local port) → flows
         self.tasks: dict[tuple[int, float], TaskInfo] = {}
         self.unidentified = new_counters()
+        self.sock_overflow = 0
+        self.task_overflow = 0
+        self.gc_runs = 0
+        self.gc_removed_socks = 0
+        self.gc_removed_tasks = 0
 
-    def task(self, pid: int, btime: float, comm: str, cmdline: str, uid: int) -> TaskInfo:
+    def task(
+        self, pid: int, btime: float, comm: str, cmdline: str, uid: int, cgroup: str = ""
+    ) -> TaskInfo | None:
+        """The task (pid, btime), created if new; None when the table is full (counted as overflow)."""
         key = (pid, btime)
         task = self.tasks.get(key)
         if task is None:
-            task = self.tasks[key] = TaskInfo(pid, btime, comm, cmdline, uid)
+            if len(self.tasks) >= self.config.max_taskinfo:
+                self.task_overflow += 1
+                return None
+            task = self.tasks[key] = TaskInfo(pid, btime, comm, cmdline, uid, cgroup)
         return task
+
+    def exited(self, task: TaskInfo, when: float) -> None:
+        """The process ended; sockets it held may live on in a child or a receiver of its fds."""
+        if task.exit_time is not None:
+            return
+        task.exit_time = when
+        for key in task.socks:
+            si = self.socks.get(key)
+            if si is not None and not si.closed:
+                si.state = SockInfo.ORPHANED
+
+    def add_sock(self, key: FlowKey, now: float) -> SockInfo:
+        si = self.socks[key] = SockInfo(key, now)
+        self._by_port.setdefault((key[0], key[2]), set()).add(key)
+        return si
+
+    def remove_sock(self, si: SockInfo) -> None:
+        del self.socks[si.key]
+        port = (si.key[0], si.key[2])
+        keys = self._by_port[port]
+        keys.discard(si.key)
+        if not keys:
+            del self._by_port[port]
+        if si.task is not None:
+            si.task.socks.discard(si.key)
+
+    def closed(self, proto: int, local: bytes, lport: int, remote: bytes, rport: int) -> int:
+        """The kernel freed this socket: mark the flows it served (GC removes them soon)."""
+        marked = 0
+        for key in self._by_port.get((proto, lport), ()):
+            _p, k_local, _lp, k_remote, k_rport = key
+            if (local == k_local or not any(local)) and (
+                rport == 0 or (remote == k_remote and rport == k_rport)
+            ):
+                self.socks[key].closed = True
+                marked += 1
+        return marked
+
+    def close_all_but(self, live: set[tuple[int, int]]) -> None:
+        """Dump fallback: flows whose (proto, local port) no socket holds any more are closed."""
+        for port, keys in self._by_port.items():
+            if port not in live:
+                for key in keys:
+                    self.socks[key].closed = True
+
+    def gc(self, now: float | None = None) -> None:
+        """Drop idle sockinfos (netatop's rules) and exited tasks that are saved and unreferenced."""
+        now = time.monotonic() if now is None else now
+        cfg = self.config
+        self.gc_runs += 1
+        for si in list(self.socks.values()):
+            idle = now - si.last_seen
+            proto, _local, lport = si.key[:3]
+            if (
+                (si.closed and idle >= cfg.closed_idle)
+                or ((si.task is None or si.task.exit_time is not None) and idle >= cfg.unreferenced_idle)
+                or (proto == TCP and idle >= cfg.tcp_idle)
+                or (proto != TCP and lport > 1024 and idle >= cfg.udp_idle)
+            ):
+                self.remove_sock(si)
+                self.gc_removed_socks += 1
+        for key, task in list(self.tasks.items()):
+            if task.exit_time is not None and not task.socks and task.saved == task.counters:
+                del self.tasks[key]
+                self.gc_removed_tasks += 1
+
+    def status(self) -> dict:
+        states = dict.fromkeys(
+            (SockInfo.PENDING, SockInfo.RESOLVED, SockInfo.ORPHANED, SockInfo.RECHECK, SockInfo.UNIDENTIFIED),
+            0,
+        )
+        for si in self.socks.values():
+            states[si.state] += 1
+        return {
+            "sockinfo": len(self.socks),
+            "sockinfo_by_state": states,
+            "sockinfo_closed": sum(si.closed for si in self.socks.values()),
+            "taskinfo": len(self.tasks),
+            "taskinfo_exited": sum(t.exit_time is not None for t in self.tasks.values()),
+            "sockinfo_overflow": self.sock_overflow,
+            "taskinfo_overflow": self.task_overflow,
+            "gc_runs": self.gc_runs,
+            "gc_removed_sockinfo": self.gc_removed_socks,
+            "gc_removed_taskinfo": self.gc_removed_tasks,
+            "unidentified": dict(zip(COUNTER_NAMES, self.unidentified, strict=True)),
+        }
