@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
-                build-essential python3-dev python3-venv
+                build-essential python3-dev python3-venv iperf3
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean

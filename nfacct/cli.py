@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import os
 import sys
 import time
+from datetime import datetime
 
 from . import __version__, control
 from .control import ControlError
 from .netns import NetnsError
 from .queue import QueueError
 from .rules import DEFAULT_QUEUE, Rules, RulesError
+from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
+from .tables import COUNTER_NAMES, GcConfig
 
-EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, PermissionError)
+EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
 
 
 def queue_number(text: str) -> int:
@@ -25,6 +30,41 @@ def queue_number(text: str) -> int:
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"queue number {n} is out of range 0-65535")
     return n
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def when(text: str) -> float:
+    """A moment: a duration ago (90s, 30m, 1h, 2d, 1w) or an ISO date/time (local time)."""
+    if text and text[-1] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * _UNITS[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 1h or a date like 2026-11-23T10:00, not {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +91,42 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--netns", metavar="NS", help="account this named network namespace")
     run.add_argument("--queue", type=queue_number, default=DEFAULT_QUEUE, metavar="N")
     run.add_argument("--control", default=control.DEFAULT_CONTROL, metavar="PATH")
+    run.add_argument(
+        "--db", default=DEFAULT_DB, metavar="PATH", help=f"SQLite database (default {DEFAULT_DB})"
+    )
+    gc = GcConfig()
+    for flag, attr, help_text in (
+        ("--gc-cycle", "cycle", "garbage collector period"),
+        ("--tcp-idle", "tcp_idle", "drop idle TCP sockinfo after"),
+        ("--udp-idle", "udp_idle", "drop idle UDP sockinfo (local port > 1024) after"),
+        ("--unreferenced-idle", "unreferenced_idle", "drop sockinfo without a live owner after"),
+        ("--closed-idle", "closed_idle", "drop sockinfo of a destroyed socket after"),
+    ):
+        run.add_argument(
+            flag,
+            type=positive_seconds,
+            default=getattr(gc, attr),
+            metavar="SECONDS",
+            help=f"{help_text} (default {getattr(gc, attr):g})",
+        )
+    run.add_argument("--max-sockinfo", type=positive_int, default=gc.max_sockinfo, metavar="N")
+    run.add_argument("--max-taskinfo", type=positive_int, default=gc.max_taskinfo, metavar="N")
+    run.add_argument("--checkpoint-interval", type=positive_seconds, default=10.0, metavar="SECONDS")
+    run.add_argument(
+        "--no-proc-connector",
+        action="store_true",
+        help="detect process exits by polling /proc instead of the proc connector",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
+
+    hist = sub.add_parser("history", help="top talkers of a period, from the database")
+    hist.add_argument("--db", default=DEFAULT_DB, metavar="PATH")
+    hist.add_argument("--since", type=when, metavar="TIME", help="e.g. 1h, 30m, 2d or 2026-11-23T10:00")
+    hist.add_argument("--until", type=when, metavar="TIME")
+    hist.add_argument("--by", choices=tuple(BY_COLUMNS), default="command")
+    fmt = hist.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
 
     top = sub.add_parser("top", help="live per-process counters")
     top.add_argument("--control", default=control.DEFAULT_CONTROL, metavar="PATH")
@@ -85,10 +160,49 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import Service  # needs netfilterqueue; keep `rules` usable without it
+    from .service import Service, ServiceConfig  # needs netfilterqueue; keep `rules` usable without it
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="nfacct: %(message)s")
-    Service(args.netns, args.queue, args.control).run()
+    gc = GcConfig(
+        cycle=args.gc_cycle,
+        tcp_idle=args.tcp_idle,
+        udp_idle=args.udp_idle,
+        unreferenced_idle=args.unreferenced_idle,
+        closed_idle=args.closed_idle,
+        max_sockinfo=args.max_sockinfo,
+        max_taskinfo=args.max_taskinfo,
+    )
+    config = ServiceConfig(
+        netns=args.netns,
+        queue=args.queue,
+        control_path=args.control,
+        db_path=args.db,
+        gc=gc,
+        checkpoint_interval=args.checkpoint_interval,
+        proc_connector=not args.no_proc_connector,
+    )
+    Service(config).run()
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from . import display
+
+    if not os.path.exists(args.db):
+        raise StoreError(f"no database at {args.db} (nfacct run --db writes one)")
+    store = Store(args.db)
+    try:
+        rows = store.history(args.since, args.until, args.by)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=[args.by, "processes", *COUNTER_NAMES])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        display.print_history(rows, args.by)
     return 0
 
 
@@ -117,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"rules": cmd_rules, "run": cmd_run, "top": cmd_top, "status": cmd_status}
+COMMANDS = {"rules": cmd_rules, "run": cmd_run, "top": cmd_top, "status": cmd_status, "history": cmd_history}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,18 @@ def main() -> int:
                 f"queue rules via {backend}"
             )
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--control", ctl]
+                [
+                    sys.executable,
+                    "-m",
+                    "nfacct",
+                    "run",
+                    "--netns",
+                    lab.acct,
+                    "--control",
+                    ctl,
+                    "--db",
+                    f"{tmp}/nfacct.db",
+                ]
             )
             started.append(daemon)
             for _ in range(100):

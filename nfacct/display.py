@@ -72,3 +72,20 @@ def print_status(status: dict, console: Console | None = None) -> None:
         if k in q:
             table.add_row(f"queue {k}", str(q[k]))
     console.print(table)
+
+
+def print_history(rows: list[dict], by: str, console: Console | None = None) -> None:
+    console = console or default_console()
+    table = Table(title=f"nfacct history: exited processes by {by} (packets/bytes)")
+    table.add_column(by.upper(), no_wrap=True)
+    table.add_column("PROCESSES", justify="right")
+    for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in rows:
+        cells = [
+            f"{r[f'{proto}{d}packs']}/{human_bytes(r[f'{proto}{d}bytes'])}"
+            for proto in ("tcp", "udp")
+            for d in ("snd", "rcv")
+        ]
+        table.add_row(safe(str(r[by])), str(r["processes"]), *cells)
+    console.print(table)

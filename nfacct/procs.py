@@ -151,6 +151,11 @@ class SocketIndex:
         self._owner = fresh
         return self._found(inode) if inode in fresh else None
 
+    def note_new_process(self, pid: int) -> None:
+        """A fork: the child shares its parent's sockets and may soon open its own."""
+        if pid not in self._recent:
+            self._recent.append(pid)
+
     def _found(self, inode: int) -> int:
         pid = self._owner[inode][0]
         if pid not in self._recent:

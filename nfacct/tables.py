@@ -141,6 +141,7 @@ class Tables:
         self.socks: dict[FlowKey, SockInfo] = {}
         self._by_port: dict[tuple[int, int], set[FlowKey]] = {}  # (proto, local port) → flows
         self.tasks: dict[tuple[int, float], TaskInfo] = {}
+        self.running: dict[int, TaskInfo] = {}  # pid → task not yet seen exiting
         self.unidentified = new_counters()
         self.sock_overflow = 0
         self.task_overflow = 0
@@ -159,13 +160,22 @@ class Tables:
                 self.task_overflow += 1
                 return None
             task = self.tasks[key] = TaskInfo(pid, btime, comm, cmdline, uid, cgroup)
+            self.running[pid] = task
         return task
+
+    def restore(self, task: TaskInfo) -> None:
+        """Take back a task from a checkpoint (its counters continue)."""
+        self.tasks[(task.pid, task.btime)] = task
+        if task.exit_time is None:
+            self.running[task.pid] = task
 
     def exited(self, task: TaskInfo, when: float) -> None:
         """The process ended; sockets it held may live on in a child or a receiver of its fds."""
         if task.exit_time is not None:
             return
         task.exit_time = when
+        if self.running.get(task.pid) is task:
+            del self.running[task.pid]
         for key in task.socks:
             si = self.socks.get(key)
             if si is not None and not si.closed:
