@@ -29,10 +29,11 @@ def free_port() -> int:
 class Daemon:
     """`nfacct run --netns NS` as a real process in the root namespace."""
 
-    def __init__(self, netns: str, tmp_path, queue: int = 0):
+    def __init__(self, netns: str, tmp_path, *extra: str, db: str | None = None):
         self.control = str(tmp_path / "control.sock")
+        self.db = db or str(tmp_path / "nfacct.db")
         self.log = tmp_path / "daemon.log"
-        with open(self.log, "w") as log:
+        with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
@@ -41,10 +42,11 @@ class Daemon:
                     "run",
                     "--netns",
                     netns,
-                    "--queue",
-                    str(queue),
                     "--control",
                     self.control,
+                    "--db",
+                    self.db,
+                    *extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
