@@ -11,11 +11,10 @@ import subprocess
 import time
 
 import pytest
+from conftest import Daemon
 
 from nfacct.lab import PEER_V4
 from nfacct.tables import COUNTER_NAMES
-
-from conftest import Daemon
 
 
 def kernel(counters, proto: str, port: int) -> dict[str, int]:
