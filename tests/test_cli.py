@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -73,3 +74,69 @@ def test_hostile_process_names_are_escaped_in_tables():
     text = out.getvalue()
     assert "\x1b" not in text and "\x07" not in text and "\r" not in text
     assert "\\x1b[2J" in text and "[/bold]" in text  # shown literally, not interpreted
+
+
+def test_history_groups_exited_processes_of_a_period(tmp_path):
+    import time as _time
+
+    from nfacct.store import Store
+
+    db = str(tmp_path / "h.db")
+    store = Store(db)
+    now = _time.time()
+    base = dict.fromkeys(COUNTER_NAMES, 0)
+    store.save_exited(
+        [
+            {
+                **base,
+                "pid": 1,
+                "btime": 1.0,
+                "exit_time": now - 60,
+                "command": "curl",
+                "cmdline": "",
+                "uid": 0,
+                "cgroup": "",
+                "tcpsndbytes": 100,
+            },
+            {
+                **base,
+                "pid": 2,
+                "btime": 2.0,
+                "exit_time": now - 30,
+                "command": "curl",
+                "cmdline": "",
+                "uid": 0,
+                "cgroup": "",
+                "tcpsndbytes": 50,
+            },
+            {
+                **base,
+                "pid": 3,
+                "btime": 3.0,
+                "exit_time": now - 7200,
+                "command": "old",
+                "cmdline": "",
+                "uid": 1,
+                "cgroup": "",
+                "tcpsndbytes": 999,
+            },
+        ]
+    )
+    store.close()
+    out = nfacct("history", "--db", db, "--since", "1h", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [(r["command"], r["processes"], r["tcpsndbytes"]) for r in rows] == [("curl", 2, 150)]
+    assert nfacct("history", "--db", db, "--since", "2x").returncode == 2
+
+
+def test_a_newer_schema_is_refused_clearly(tmp_path):
+    import sqlite3
+
+    db = str(tmp_path / "new.db")
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    out = nfacct("history", "--db", db)
+    assert out.returncode == 1
+    assert "schema 99 is newer" in out.stderr
