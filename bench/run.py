@@ -15,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from nfacct import control
-from nfacct.lab import PEER_V4, Lab
+from nfacct.lab import PEER_V4, Counters, Lab
 from nfacct.rules import Rules
 
 SECONDS = 3
@@ -79,6 +80,16 @@ def udp_test(lab: Lab) -> dict:
     }
 
 
+def measured(counters: Counters, test: Callable[[Lab], dict]) -> dict:
+    """Run `test` and add what the kernel's own nft counters saw the client send meanwhile."""
+    before = counters.read()
+    res = test(counters.lab)
+    time.sleep(0.3)  # the last ACKs of a closing connection
+    after = counters.read()
+    res["kernel"] = {k: [a - b for a, b in zip(after[k], before[k], strict=True)] for k in after}
+    return res
+
+
 def start_daemon(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> tuple[subprocess.Popen, str]:
     ctl = f"{tmp}/c.sock"
     argv = [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--control", ctl]
@@ -113,17 +124,24 @@ def task_of(tasks: list[dict], pid: int) -> dict:
 
 def bench(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
     server = subprocess.Popen(
-        lab.cmd(lab.peer, ["iperf3", "-s", "-B", PEER_V4, "-p", str(PORT)]), stdout=subprocess.DEVNULL
+        lab.cmd(lab.peer, ["iperf3", "-s", "-B", PEER_V4, "-p", str(PORT)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     started.append(server)
     listening = ["ss", "-Hltn", f"sport = :{PORT}"]
     wait_for("the iperf3 server", lambda: bool(lab.run(lab.peer, listening).stdout.strip()))
 
-    res: dict[str, Any] = {"baseline": {"tcp": tcp_test(lab), "udp": udp_test(lab)}}
+    # The kernel's own count of what the client sends, in both setups, to check attribution.
+    counters = Counters(lab, lab.acct)
+    for proto in ("tcp", "udp"):
+        counters.add(proto, "out", f"ip daddr {PEER_V4} {proto} dport {PORT}")
+    res: dict[str, Any] = {
+        "baseline": {"tcp": measured(counters, tcp_test), "udp": measured(counters, udp_test)}
+    }
     res["backend"] = Rules(lab.acct).install()
     daemon, ctl = start_daemon(lab, tmp, started)
-    res["nfacct"] = {"tcp": tcp_test(lab), "udp": udp_test(lab)}
-    time.sleep(0.3)  # let the daemon drain its queue before we read its counters
+    res["nfacct"] = {"tcp": measured(counters, tcp_test), "udp": measured(counters, udp_test)}
     status = control.request(ctl, "status")
     tasks = control.request(ctl, "top")["tasks"]
     q = status["queue"]
@@ -141,40 +159,52 @@ def bench(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
         "udp": task_of(tasks, res["nfacct"]["udp"]["pid"]),
     }
     res["status"] = status
+    daemon.terminate()
+    res["daemon"]["exit_status"] = daemon.wait(timeout=10)
+    res["daemon"]["left_control_socket"] = os.path.exists(ctl)
     return res
 
 
 def report(res: dict) -> None:
     base, nfa, at = res["baseline"], res["nfacct"], res["attribution"]
 
-    def row(name: str, b: float, n: float, note: str = "") -> None:
-        ratio = f"{n / b:6.3f}" if b else "     -"
-        print(f"{name:<26}{b:>14,.2f}{n:>14,.2f}   {ratio}  {note}")
+    def row(name: str, b: float, n: float) -> None:
+        ratio = f"{n / b:8.3f}" if b else "       -"
+        print(f"{name:<28}{b:>14,.2f}{n:>14,.2f}{ratio}")
 
-    print(f"\n{'metric':<26}{'no rules':>14}{'nfacct':>14}   ratio")
-    tcp_seen = at["tcp"].get("tcpsndbytes")
+    print(f"\n{'iperf3, ' + str(SECONDS) + ' s each':<28}{'no rules':>14}{'nfacct':>14}{'ratio':>8}")
     row("TCP Gbit/s", base["tcp"]["gbit_s"], nfa["tcp"]["gbit_s"])
+    row("TCP MB sent", base["tcp"]["sent_bytes"] / 1e6, nfa["tcp"]["sent_bytes"] / 1e6)
+    if at["tcp"]:
+        print(f"{'  nfacct tcpsndbytes, MB':<28}{'':>14}{at['tcp']['tcpsndbytes'] / 1e6:>14,.2f}")
     row("TCP retransmits", base["tcp"]["retransmits"], nfa["tcp"]["retransmits"])
-    row(
-        "TCP MB sent (iperf3)",
-        base["tcp"]["sent_bytes"] / 1e6,
-        nfa["tcp"]["sent_bytes"] / 1e6,
-        f"nfacct tcpsndbytes: {'NOT ATTRIBUTED' if tcp_seen is None else f'{tcp_seen / 1e6:,.2f} MB'}",
-    )
     row("UDP 64 B kpps received", base["udp"]["kpps"], nfa["udp"]["kpps"])
     row("UDP kpackets sent", base["udp"]["sent_packets"] / 1e3, nfa["udp"]["sent_packets"] / 1e3)
-    udp_seen = at["udp"].get("udpsndpacks")
-    row(
-        "UDP loss %",
-        base["udp"]["loss_pct"],
-        nfa["udp"]["loss_pct"],
-        f"nfacct udpsndpacks: {'NOT ATTRIBUTED' if udp_seen is None else f'{udp_seen / 1e3:,.2f} k'}",
-    )
+    row("UDP loss %", base["udp"]["loss_pct"], nfa["udp"]["loss_pct"])
+
+    print("\nattribution of the iperf3 clients' output (nfacct top vs the kernel's nft counters):")
+    for test, field, kind in (("tcp", "tcpsnd", "tcp"), ("udp", "udpsnd", "udp")):
+        packets, size = nfa[test]["kernel"][kind]
+        task = at[test]
+        if not task:
+            print(f"  {test} client pid {nfa[test]['pid']}: NOT ATTRIBUTED (no iperf3 task in nfacct top)")
+            continue
+        got = task[field + "packs"], task[field + "bytes"]
+        verdict = "exact" if got == (packets, size) else "MISMATCH"
+        print(
+            f"  {test} client pid {task['pid']}: {field}bytes {got[1]:,} ({got[0]:,} packets), "
+            f"kernel {size:,} ({packets:,} packets): {verdict}"
+        )
+
     d = res["daemon"]
     print(f"\ndaemon (queue rules via {res['backend']}):")
     for k in ("packets", "missed", "queue_dropped", "user_dropped", "errors"):
         print(f"  {k:<14}{d[k]:>14,}")
     print(f"  {'rss':<14}{d['rss_mib']:>10,.1f} MiB")
+    print(
+        f"  {'exit status':<14}{d['exit_status']:>14}"
+        + ("  (left its control socket)" * d["left_control_socket"])
+    )
     print(f"\nwritten to {RESULTS}")
 
 
