@@ -1,9 +1,11 @@
-"""`make bench`: iperf3 throughput in a throwaway namespace pair, without and with nfacct.
+"""`make bench`: iperf3 in a throwaway namespace pair, without and with nfacct, side by side.
 
-The iperf3 server runs in the lab's peer namespace, the client in the accounted one. Each test
+The iperf3 server runs in the lab's peer namespace, the client in the accounted one. Every test
 runs twice in the same lab: with no queue rules, then with nfacct's rules and a running daemon.
-Prints a table and writes bench/results.json. The root namespace is never touched: rules,
-daemon sockets and traffic all live in namespaces created and removed by this run.
+nft counter rules in the accounted namespace (present in both runs) give the kernel's own count
+of each test's packets, to check what nfacct attributed to the iperf3 client. Prints a table and
+writes bench/results.json. The root namespace is never touched: rules, the daemon's sockets and
+all traffic live in namespaces created and removed by this run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -27,10 +29,29 @@ from nfacct.rules import Rules
 
 SECONDS = 3
 PORT = 5201
+UDP_SIZE = 64
 RESULTS = Path(__file__).with_name("results.json")
 
 
-def wait_for(what: str, ready: Any, timeout: float = 10.0) -> None:
+class Test(NamedTuple):
+    title: str
+    args: tuple[str, ...]  # iperf3 client arguments
+    chain: str  # where the kernel counts the test's data packets in the accounted namespace
+    match: str
+    field: str  # the nfacct per-process counter that must equal the kernel's count
+
+
+UDP = ("-u", "-l", str(UDP_SIZE), "-b", "0")
+TESTS = {
+    "tcp": Test("TCP bulk, acct -> peer", (), "out", f"ip daddr {PEER_V4} tcp dport {PORT}", "tcpsnd"),
+    "udp_out": Test("UDP 64 B, acct -> peer", UDP, "out", f"ip daddr {PEER_V4} udp dport {PORT}", "udpsnd"),
+    "udp_in": Test(
+        "UDP 64 B, peer -> acct", (*UDP, "-R"), "in", f"ip saddr {PEER_V4} udp sport {PORT}", "udprcv"
+    ),
+}
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -39,54 +60,34 @@ def wait_for(what: str, ready: Any, timeout: float = 10.0) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def iperf3(lab: Lab, *args: str) -> tuple[int, dict]:
-    """Run one bounded iperf3 client in the accounted namespace; (its pid, its -J report)."""
+def run_test(lab: Lab, counters: Counters, name: str) -> dict:
+    """One bounded iperf3 client in the accounted namespace, summarised, with the kernel's count."""
+    test = TESTS[name]
     argv = ["iperf3", "-c", PEER_V4, "-p", str(PORT), "-t", str(SECONDS), "-J", "--connect-timeout", "3000"]
+    before = counters.read()[name]
     # `ip netns exec` execs iperf3 itself, so the Popen pid is the client's pid.
-    proc = subprocess.Popen(lab.cmd(lab.acct, [*argv, *args]), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(lab.cmd(lab.acct, [*argv, *test.args]), stdout=subprocess.PIPE, text=True)
     try:
         out, _ = proc.communicate(timeout=SECONDS + 15)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    time.sleep(0.3)  # the last packets of a closing connection
+    after = counters.read()[name]
     report = json.loads(out)
     if proc.returncode != 0 or "error" in report:
-        raise RuntimeError(f"iperf3 {' '.join(args)} failed: {report.get('error', proc.returncode)}")
-    return proc.pid, report
-
-
-def tcp_test(lab: Lab) -> dict:
-    pid, r = iperf3(lab)
-    end = r["end"]
-    return {
-        "pid": pid,
-        "sent_bytes": end["sum_sent"]["bytes"],
-        "gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
-        "retransmits": end["sum_sent"].get("retransmits", 0),
-    }
-
-
-def udp_test(lab: Lab) -> dict:
-    pid, r = iperf3(lab, "-u", "-l", "64", "-b", "0")
-    s = r["end"]["sum"]  # the server's figures, as reported back to the client
-    received = s["packets"] - s["lost_packets"]
-    return {
-        "pid": pid,
-        "sent_packets": s["packets"],
-        "received_packets": received,
-        "kpps": received / s["seconds"] / 1e3,
-        "loss_pct": s["lost_percent"],
-    }
-
-
-def measured(counters: Counters, test: Callable[[Lab], dict]) -> dict:
-    """Run `test` and add what the kernel's own nft counters saw the client send meanwhile."""
-    before = counters.read()
-    res = test(counters.lab)
-    time.sleep(0.3)  # the last ACKs of a closing connection
-    after = counters.read()
-    res["kernel"] = {k: [a - b for a, b in zip(after[k], before[k], strict=True)] for k in after}
+        raise RuntimeError(f"iperf3 {name} failed: {report.get('error', proc.returncode)}")
+    sent, received = report["end"]["sum_sent"], report["end"]["sum_received"]
+    res: dict[str, Any] = {"pid": proc.pid, "kernel": [after[0] - before[0], after[1] - before[1]]}
+    if name == "tcp":
+        res["gbit_s"] = received["bits_per_second"] / 1e9
+        res["sent_mb"] = sent["bytes"] / 1e6
+        res["retransmits"] = sent.get("retransmits", 0)
+    else:
+        res["sent_kpackets"] = sent["packets"] / 1e3
+        res["received_kpps"] = received["bytes"] / UDP_SIZE / received["seconds"] / 1e3
+        res["loss_pct"] = received["lost_percent"]
     return res
 
 
@@ -97,11 +98,7 @@ def start_daemon(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> tuple[s
     if "--db" in usage:  # keep the daemon's database in our temporary directory, not /var/lib
         argv += ["--db", f"{tmp}/nfacct.db"]
     with open(f"{tmp}/daemon.log", "w") as log:
-        daemon = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     started.append(daemon)
 
     def pong() -> bool:
@@ -117,47 +114,32 @@ def start_daemon(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> tuple[s
     return daemon, ctl
 
 
-def task_of(tasks: list[dict], pid: int) -> dict:
-    """The daemon's record of the iperf3 client with this pid (empty if it has none)."""
-    return next((t for t in tasks if t["comm"] == "iperf3" and t["pid"] == pid), {})
-
-
 def bench(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
-    server = subprocess.Popen(
-        lab.cmd(lab.peer, ["iperf3", "-s", "-B", PEER_V4, "-p", str(PORT)]),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    started.append(server)
+    server = ["iperf3", "-s", "-B", PEER_V4, "-p", str(PORT)]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    started.append(subprocess.Popen(lab.cmd(lab.peer, server), **quiet))
     listening = ["ss", "-Hltn", f"sport = :{PORT}"]
     wait_for("the iperf3 server", lambda: bool(lab.run(lab.peer, listening).stdout.strip()))
-
-    # The kernel's own count of what the client sends, in both setups, to check attribution.
     counters = Counters(lab, lab.acct)
-    for proto in ("tcp", "udp"):
-        counters.add(proto, "out", f"ip daddr {PEER_V4} {proto} dport {PORT}")
-    res: dict[str, Any] = {
-        "baseline": {"tcp": measured(counters, tcp_test), "udp": measured(counters, udp_test)}
-    }
+    for name, test in TESTS.items():
+        counters.add(name, test.chain, test.match)
+
+    res: dict[str, Any] = {"baseline": {name: run_test(lab, counters, name) for name in TESTS}}
     res["backend"] = Rules(lab.acct).install()
     daemon, ctl = start_daemon(lab, tmp, started)
-    res["nfacct"] = {"tcp": measured(counters, tcp_test), "udp": measured(counters, udp_test)}
+    res["nfacct"] = {name: run_test(lab, counters, name) for name in TESTS}
     status = control.request(ctl, "status")
     tasks = control.request(ctl, "top")["tasks"]
-    q = status["queue"]
     res["daemon"] = {
         "packets": status["engine"]["packets"],
-        "missed": q.get("missed"),
-        "queue_dropped": q.get("queue_dropped"),
-        "user_dropped": q.get("user_dropped"),
+        **{k: status["queue"].get(k) for k in ("missed", "queue_dropped", "user_dropped")},
         "errors": status["engine"]["errors"],
-        "unidentified": status["engine"]["unidentified"],
         "rss_mib": psutil.Process(daemon.pid).memory_info().rss / 2**20,
     }
-    res["attribution"] = {
-        "tcp": task_of(tasks, res["nfacct"]["tcp"]["pid"]),
-        "udp": task_of(tasks, res["nfacct"]["udp"]["pid"]),
-    }
+    res["attribution"] = {}
+    for name, run in res["nfacct"].items():
+        task = next((t for t in tasks if t["comm"] == "iperf3" and t["pid"] == run["pid"]), None)
+        res["attribution"][name] = task
     res["status"] = status
     daemon.terminate()
     res["daemon"]["exit_status"] = daemon.wait(timeout=10)
@@ -166,45 +148,41 @@ def bench(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
 
 
 def report(res: dict) -> None:
-    base, nfa, at = res["baseline"], res["nfacct"], res["attribution"]
+    base, nfa = res["baseline"], res["nfacct"]
 
-    def row(name: str, b: float, n: float) -> None:
+    def row(name: str, key: str, unit: str) -> None:
+        b, n = base[name][key], nfa[name][key]
         ratio = f"{n / b:8.3f}" if b else "       -"
-        print(f"{name:<28}{b:>14,.2f}{n:>14,.2f}{ratio}")
+        print(f"{TESTS[name].title + ', ' + unit:<36}{b:>12,.2f}{n:>12,.2f}{ratio}")
 
-    print(f"\n{'iperf3, ' + str(SECONDS) + ' s each':<28}{'no rules':>14}{'nfacct':>14}{'ratio':>8}")
-    row("TCP Gbit/s", base["tcp"]["gbit_s"], nfa["tcp"]["gbit_s"])
-    row("TCP MB sent", base["tcp"]["sent_bytes"] / 1e6, nfa["tcp"]["sent_bytes"] / 1e6)
-    if at["tcp"]:
-        print(f"{'  nfacct tcpsndbytes, MB':<28}{'':>14}{at['tcp']['tcpsndbytes'] / 1e6:>14,.2f}")
-    row("TCP retransmits", base["tcp"]["retransmits"], nfa["tcp"]["retransmits"])
-    row("UDP 64 B kpps received", base["udp"]["kpps"], nfa["udp"]["kpps"])
-    row("UDP kpackets sent", base["udp"]["sent_packets"] / 1e3, nfa["udp"]["sent_packets"] / 1e3)
-    row("UDP loss %", base["udp"]["loss_pct"], nfa["udp"]["loss_pct"])
+    print(f"\n{f'iperf3, {SECONDS} s per run':<36}{'no rules':>12}{'nfacct':>12}{'ratio':>8}")
+    row("tcp", "gbit_s", "Gbit/s")
+    row("tcp", "sent_mb", "MB sent")
+    row("tcp", "retransmits", "retransmits")
+    for name in ("udp_out", "udp_in"):
+        row(name, "received_kpps", "kpps received")
+        row(name, "sent_kpackets", "kpackets sent")
+        row(name, "loss_pct", "loss %")
 
-    print("\nattribution of the iperf3 clients' output (nfacct top vs the kernel's nft counters):")
-    for test, field, kind in (("tcp", "tcpsnd", "tcp"), ("udp", "udpsnd", "udp")):
-        packets, size = nfa[test]["kernel"][kind]
-        task = at[test]
-        if not task:
-            print(f"  {test} client pid {nfa[test]['pid']}: NOT ATTRIBUTED (no iperf3 task in nfacct top)")
+    print("\nnfacct top for each iperf3 client vs the kernel's nft counter of the same packets:")
+    for name, test in TESTS.items():
+        k_packets, k_bytes = nfa[name]["kernel"]
+        task = res["attribution"][name]
+        print(f"  {test.title:<24} kernel {k_packets:>9,} packets {k_bytes:>15,} bytes")
+        if task is None:
+            print(f"  {'':<24} nfacct: NO TASK for iperf3 pid {nfa[name]['pid']}")
             continue
-        got = task[field + "packs"], task[field + "bytes"]
-        verdict = "exact" if got == (packets, size) else "MISMATCH"
-        print(
-            f"  {test} client pid {task['pid']}: {field}bytes {got[1]:,} ({got[0]:,} packets), "
-            f"kernel {size:,} ({packets:,} packets): {verdict}"
-        )
+        packets, size = task[test.field + "packs"], task[test.field + "bytes"]
+        verdict = "exact" if (packets, size) == (k_packets, k_bytes) else f"{k_packets - packets:,} uncounted"
+        print(f"  {test.field + 'packs/bytes':<24} nfacct {packets:>9,} packets {size:>15,} bytes  {verdict}")
 
     d = res["daemon"]
-    print(f"\ndaemon (queue rules via {res['backend']}):")
-    for k in ("packets", "missed", "queue_dropped", "user_dropped", "errors"):
-        print(f"  {k:<14}{d[k]:>14,}")
-    print(f"  {'rss':<14}{d['rss_mib']:>10,.1f} MiB")
+    print(f"\ndaemon (queue rules via {res['backend']}): ", end="")
     print(
-        f"  {'exit status':<14}{d['exit_status']:>14}"
-        + ("  (left its control socket)" * d["left_control_socket"])
+        ", ".join(f"{k} {d[k]:,}" for k in ("packets", "missed", "queue_dropped", "user_dropped", "errors"))
     )
+    print(f"  RSS {d['rss_mib']:.1f} MiB, exit status {d['exit_status']}", end="")
+    print(", left its control socket behind" if d["left_control_socket"] else "")
     print(f"\nwritten to {RESULTS}")
 
 
@@ -226,7 +204,7 @@ def main() -> int:
                     p.kill()
                     p.wait()
             rules.remove()
-    res["host"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "seconds_per_test": SECONDS}
+    res["host"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "seconds_per_run": SECONDS}
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     report(res)
     return 0
