@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import psutil
 
 from nfacct import control
-from nfacct.lab import PEER_V4, Counters, Lab
+from nfacct.lab import PEER_V4, Counters, Lab, stop_all
 from nfacct.rules import Rules
 
 SECONDS = 3
@@ -195,14 +195,7 @@ def main() -> int:
         try:
             res = bench(lab, tmp, started)
         finally:
-            for p in reversed(started):
-                if p.poll() is None:
-                    p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_all(started)
             rules.remove()
     res["host"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "seconds_per_run": SECONDS}
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")

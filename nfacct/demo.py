@@ -14,7 +14,7 @@ import time
 
 from . import control
 from .display import print_status, print_tasks
-from .lab import ACCT_V4, PEER_V4, PEER_V6, Lab
+from .lab import ACCT_V4, PEER_V4, PEER_V6, Lab, stop_all
 from .rules import Rules
 
 
@@ -120,14 +120,7 @@ def main() -> int:
             print_status(control.request(ctl, "status"))
             print("Try it on a host: see README.md (nfacct rules install; nfacct run; nfacct top).")
         finally:
-            for p in reversed(started):
-                if p.poll() is None:
-                    p.terminate()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_all(started)
             rules.remove()
     return 0
 

@@ -90,6 +90,18 @@ class Lab:
         return subprocess.Popen(self.cmd(ns, [sys.executable, "-m", "nfacct.lab", *args]), **kw)
 
 
+def stop_all(procs: Sequence[subprocess.Popen]) -> None:
+    """End processes newest first: SIGTERM, then SIGKILL after 5 s."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class Counters:
     """nft counter rules in one namespace: the kernel's own, independent count of chosen flows."""
 

@@ -77,18 +77,11 @@ class TaskInfo:
         return d
 
     def row(self) -> dict:
-        """The task as a row of exited_tasks / live_tasks."""
-        d = {
-            "pid": self.pid,
-            "btime": self.btime,
-            "command": self.comm,
-            "cmdline": self.cmdline,
-            "uid": self.uid,
-            "cgroup": self.cgroup,
-        }
+        """The task as a row of exited_tasks / live_tasks (comm is stored as `command`)."""
+        d = self.as_dict()
+        d["command"] = d.pop("comm")
         if self.exit_time is not None:
             d["exit_time"] = self.exit_time
-        d.update(zip(COUNTER_NAMES, self.counters, strict=True))
         return d
 
     @property
