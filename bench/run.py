@@ -1,4 +1,5 @@
-"""`make bench`: iperf3 in a throwaway namespace pair, without and with nfacct, side by side.
+"""`make bench`: iperf3 in a throwaway namespace pair, without and with nfacct, side by side;
+then the daemon's memory under 50,000 short TCP flows.
 
 The iperf3 server runs in the lab's peer namespace, the client in the accounted one. Every test
 runs twice in the same lab: with no queue rules, then with nfacct's rules and a running daemon.
@@ -6,13 +7,23 @@ nft counter rules in the accounted namespace (present in both runs) give the ker
 of each test's packets, to check what nfacct attributed to the iperf3 client. Prints a table and
 writes bench/results.json. The root namespace is never touched: rules, the daemon's sockets and
 all traffic live in namespaces created and removed by this run.
+
+`short_flows` (issue: GC removes the sockinfo of closed connections within its cycle and keeps
+memory bounded) runs a fresh daemon with the default GC settings while one client process in
+the accounted namespace makes 50,000 short connections to echo servers in the peer namespace
+(and one in the peer namespace makes 10,000 the other way). It samples the daemon's RSS and
+table sizes every 0.5 s until one GC cycle after the traffic, and checks the clients' counts
+against nft counters. `--only iperf3|short_flows` runs one scenario and keeps the other's
+results in bench/results.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import tempfile
@@ -24,13 +35,14 @@ from typing import Any, NamedTuple
 import psutil
 
 from nfacct import control
-from nfacct.lab import PEER_V4, Counters, Lab, stop_all
+from nfacct.lab import ACCT_V4, PEER_V4, Counters, Lab, stop_all
 from nfacct.rules import Rules
 
 SECONDS = 3
 PORT = 5201
 UDP_SIZE = 64
 RESULTS = Path(__file__).with_name("results.json")
+SCENARIOS = ("iperf3", "short_flows")
 
 
 class Test(NamedTuple):
@@ -183,23 +195,305 @@ def report(res: dict) -> None:
     )
     print(f"  RSS {d['rss_mib']:.1f} MiB, exit status {d['exit_status']}", end="")
     print(", left its control socket behind" if d["left_control_socket"] else "")
-    print(f"\nwritten to {RESULTS}")
 
 
-def main() -> int:
+# ---- short_flows: memory under 50,000 short TCP flows ----------------------------------------
+
+FLOWS_OUT = 50_000  # acct -> peer, by one client process: the issue's figure
+FLOWS_IN = 10_000  # peer -> acct at the same time: an echo server in the accounted namespace
+FLOWS_BASELINE = 10_000  # acct -> peer without nfacct, for the flow rate
+FLOWS_SECONDS = 120  # each client stops by then, however far it got (the baseline: 30 s)
+FLOW_SIZE = 32  # bytes sent and echoed per connection
+# acct -> peer goes to 8 echo servers in turn: with one, connect() itself slows down as TIME_WAIT
+# entries pile up (see the `flows` role); 6,250 per server stay within the default port range.
+OUT_PORT, OUT_SERVERS, IN_PORT = 7001, 8, 7100
+SAMPLE = 0.5
+ENGINE_KEYS = (
+    "packets", "sockinfo", "sockinfo_closed", "taskinfo", "taskinfo_exited", "sockinfo_overflow",
+    "taskinfo_overflow", "gc_runs", "gc_removed_sockinfo", "gc_removed_taskinfo", "errors",
+)  # fmt: skip
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (the peak resident size so far) of a process, in MiB."""
+    mem = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                mem[key] = int(value.split()[0]) / 1024
+    return {"rss_mib": mem["VmRSS"], "hwm_mib": mem["VmHWM"]}
+
+
+def snapshot(daemon: subprocess.Popen, ctl: str, t0: float) -> dict:
+    """The daemon's memory and table sizes now (`nfacct status --json`, abridged)."""
+    mem = memory_mib(daemon.pid)
+    status = control.request(ctl, "status", timeout=10)
+    engine, queue, resolver = status["engine"], status["queue"], status["resolver"]
+    return {
+        "t": round(time.monotonic() - t0, 2),
+        **mem,
+        **{k: engine[k] for k in ENGINE_KEYS},
+        "by_state": engine["sockinfo_by_state"],
+        "unidentified_tcp_packets": engine["unidentified"]["tcpsndpacks"]
+        + engine["unidentified"]["tcprcvpacks"],
+        "missed": queue.get("missed"),
+        "resolver_in_flight": resolver["in_flight"],
+        "resolver_gave_up": resolver["gave_up"],
+        "socket_index": resolver["socket_index"],  # inode -> process entries learned from /proc
+        "destroy_overruns": status["events"]["destroy_overruns"],
+    }
+
+
+def read_report(proc: subprocess.Popen, timeout: float) -> dict:
+    """The JSON line a traffic role prints (its readiness or its final report)."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise RuntimeError(f"traffic role {proc.args[-6:]} gave no report within {timeout:.0f} s")
+    return json.loads(line)
+
+
+def flows_role(
+    lab: Lab, ns: str, to: str, port: int, ports: int, count: int, procs: list, seconds: float = FLOWS_SECONDS
+) -> subprocess.Popen:
+    argv = ["flows", "--connect", to, "--port", str(port), "--ports", str(ports), "--count", str(count)]
+    argv += ["--size", str(FLOW_SIZE), "--seconds", str(seconds), "--hold"]
+    proc = lab.role(ns, *argv)
+    procs.append(proc)
+    return proc
+
+
+def flow_rate(report: dict) -> float:
+    return report["flows"] / report["seconds"] if report["seconds"] else 0.0
+
+
+def short_flows(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
+    os.makedirs(tmp, exist_ok=True)
+    counters = Counters(lab, lab.acct)
+    out = f"{OUT_PORT}-{OUT_PORT + OUT_SERVERS - 1}"
+    # The kernel's count of each direction's packets, as seen by the accounted namespace.
+    counters.add("flows_out_snd", "out", f"ip daddr {PEER_V4} tcp dport {out}")
+    counters.add("flows_out_rcv", "in", f"ip saddr {PEER_V4} tcp sport {out}")
+    counters.add("flows_in_snd", "out", f"ip daddr {PEER_V4} tcp sport {IN_PORT}")
+    counters.add("flows_in_rcv", "in", f"ip saddr {PEER_V4} tcp dport {IN_PORT}")
+    res: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "loadavg_before": os.getloadavg(),
+        "flows_requested": {"out": FLOWS_OUT, "in": FLOWS_IN},
+        "flow_bytes": FLOW_SIZE,
+        "time_limit_s": FLOWS_SECONDS,
+    }
+    procs = started  # the caller's `finally` stops them all
+    servers = [
+        lab.role(lab.peer, "echo-server", "--bind", PEER_V4, "--port", str(OUT_PORT + i))
+        for i in range(OUT_SERVERS)
+    ]
+    acct_server = lab.role(lab.acct, "echo-server", "--bind", ACCT_V4, "--port", str(IN_PORT))
+    servers.append(acct_server)
+    procs.extend(servers)
+    for server in servers:
+        read_report(server, 10)
+
+    # Baseline: the same client, no queue rules, no daemon.
+    rules = Rules(lab.acct)
+    rules.remove()
+    base = flows_role(lab, lab.acct, PEER_V4, OUT_PORT, OUT_SERVERS, FLOWS_BASELINE, procs, 30)
+    res["baseline"] = read_report(base, 40)
+    res["baseline"]["flows_per_s"] = flow_rate(res["baseline"])
+    stop_all([base])
+
+    res["backend"] = rules.install()
+    daemon, ctl = start_daemon(lab, tmp, procs)
+    t0 = time.monotonic()
+    timeline: list[dict] = []
+
+    def sample_until(done: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            timeline.append(snapshot(daemon, ctl, t0))
+            if done():
+                return True
+            time.sleep(SAMPLE)
+        return False
+
+    time.sleep(1.0)  # settle: imports done, tables empty
+    points = {"before": snapshot(daemon, ctl, t0)}
+    before_kernel = counters.read()
+    clients = {
+        "out": flows_role(lab, lab.acct, PEER_V4, OUT_PORT, OUT_SERVERS, FLOWS_OUT, procs),
+        "in": flows_role(lab, lab.peer, ACCT_V4, IN_PORT, 1, FLOWS_IN, procs),
+    }
+    reports: dict[str, dict] = {}
+
+    def clients_done() -> bool:
+        for name, proc in clients.items():
+            if name not in reports and select.select([proc.stdout], [], [], 0)[0]:
+                reports[name] = read_report(proc, 1)
+        return len(reports) == len(clients)
+
+    if not sample_until(clients_done, FLOWS_SECONDS + 15):
+        raise RuntimeError(f"flow clients still running after {FLOWS_SECONDS + 15} s")
+    t_end = time.monotonic()
+    points["end_of_traffic"] = timeline[-1]
+    res["clients"] = reports
+    res["traffic_s"] = max(r["seconds"] for r in reports.values())  # the clients start together
+    res["flows_per_s"] = {name: flow_rate(r) for name, r in reports.items()}
+    res["flows_per_s"]["both"] = sum(r["flows"] for r in reports.values()) / res["traffic_s"]
+
+    # Exactness: each side's counters (`nfacct top --json`) against the kernel's, while the
+    # clients still run, once the last lookups are settled (retries take up to ~4 s).
+    sample_until(lambda: timeline[-1]["resolver_in_flight"] == 0, 10)
+    time.sleep(0.5)  # the last ACKs and FINs
+    after_kernel = counters.read()
+    tasks = control.request(ctl, "top", timeout=10)["tasks"]
+    settled = snapshot(daemon, ctl, t0)
+    check: dict[str, Any] = {}
+    # `ip netns exec` execs python itself, so the echo server's pid is the Popen's (as for iperf3).
+    for name, proc_pid in (("out", reports["out"]["pid"]), ("in", acct_server.pid)):
+        task = next((t for t in tasks if t["pid"] == proc_pid and t["exit_time"] is None), None)
+        kernel = {
+            d: after_kernel[f"flows_{name}_{d}"][0] - before_kernel[f"flows_{name}_{d}"][0]
+            for d in ("snd", "rcv")
+        }
+        check[name] = {
+            "pid": proc_pid,
+            "kernel_packets": kernel,
+            "nfacct_packets": None if task is None else {d: task[f"tcp{d}packs"] for d in ("snd", "rcv")},
+        }
+    # Every packet of these flows is either some process's or `unidentified`; the rest is lost.
+    kernel_total = sum(sum(c["kernel_packets"].values()) for c in check.values())
+    attributed = sum(sum((c["nfacct_packets"] or {}).values()) for c in check.values())
+    unidentified = settled["unidentified_tcp_packets"] - points["before"]["unidentified_tcp_packets"]
+    check["total"] = {
+        "kernel_packets": kernel_total,
+        "attributed": attributed,
+        "unidentified": unidentified,
+        "counted_nowhere": kernel_total - attributed - unidentified,
+        "resolver_gave_up": settled["resolver_gave_up"],
+        "settled_after_s": round(time.monotonic() - t_end, 2),
+    }
+    res["attribution"] = check
+
+    # Let the clients exit, then wait for the first GC cycle that starts once every closed flow
+    # has been idle for --closed-idle.
+    stop_all(list(clients.values()))
+    gc = control.request(ctl, "status")["gc"]
+    time.sleep(max(0.0, t_end + gc["closed_idle"] + 0.5 - time.monotonic()))
+    runs = snapshot(daemon, ctl, t0)["gc_runs"]
+    sample_until(lambda: timeline[-1]["gc_runs"] > runs, gc["cycle"] + 5)
+    points["after_gc"] = timeline[-1]
+    points["after_gc"]["seconds_after_traffic"] = round(time.monotonic() - t_end, 2)
+    peak = max(timeline, key=lambda s: s["rss_mib"])
+    res["peak"] = {
+        "rss_mib": peak["rss_mib"],
+        "hwm_mib": max(s["hwm_mib"] for s in timeline),  # VmHWM can read lower later on
+        "sockinfo": max(s["sockinfo"] for s in timeline),
+        "taskinfo": max(s["taskinfo"] for s in timeline),
+        "at_s": peak["t"],
+    }
+    res["points"] = points
+    res["gc"] = gc
+    res["timeline"] = timeline
+    daemon.terminate()
+    res["daemon_exit_status"] = daemon.wait(timeout=10)
+    return res
+
+
+def report_short_flows(r: dict) -> None:
+    rc = r["clients"]
+    print(f"\nshort flows ({r['flow_bytes']} B echoed per connection), GC defaults", end="")
+    print(f" (cycle {r['gc']['cycle']:g} s, closed-idle {r['gc']['closed_idle']:g} s), {r['date']}")
+    print(
+        f"  baseline, no nfacct:  {r['baseline']['flows']:>7,} flows  {r['baseline']['flows_per_s']:>7,.0f}/s"
+    )
+    for name, title in (("out", "acct -> peer client"), ("in", "peer -> acct client")):
+        c = rc[name]
+        errors = f"  failed {c['failed']:,} {c['errors']}" if c["failed"] else ""
+        print(f"  {title + ':':<22}{c['flows']:>7,} flows  {r['flows_per_s'][name]:>7,.0f}/s{errors}")
+    print(f"  both directions:      {r['traffic_s']:.1f} s, {r['flows_per_s']['both']:,.0f} flows/s")
+
+    print(f"\n{'daemon':<34}{'RSS MiB':>9}{'sockinfo':>10}{'closed':>8}{'taskinfo':>10}{'gc runs':>9}")
+    pts = r["points"]
+    rows = [
+        ("before traffic", pts["before"]),
+        (f"peak ({len(r['timeline'])} samples, 0.5 s apart)", None),
+        ("end of traffic", pts["end_of_traffic"]),
+        (f"after GC ({pts['after_gc']['seconds_after_traffic']:.1f} s later)", pts["after_gc"]),
+    ]
+    for title, p in rows:
+        if p is None:
+            pk = r["peak"]
+            print(f"  {title:<32}{pk['rss_mib']:>9.1f}{pk['sockinfo']:>10,}{'':>8}{pk['taskinfo']:>10,}")
+            continue
+        print(
+            f"  {title:<32}{p['rss_mib']:>9.1f}{p['sockinfo']:>10,}{p['sockinfo_closed']:>8,}"
+            f"{p['taskinfo']:>10,}{p['gc_runs']:>9}"
+        )
+    a = pts["after_gc"]
+    held = ", ".join(f"{k} {v:,}" for k, v in a["by_state"].items() if v) or "none"
+    print(f"  peak RSS (VmHWM) {r['peak']['hwm_mib']:.1f} MiB; sockinfo held after GC: {held}")
+    print(
+        f"  GC removed {a['gc_removed_sockinfo']:,} sockinfo, {a['gc_removed_taskinfo']:,} taskinfo", end=""
+    )
+    print(f"; overflow: sockinfo {a['sockinfo_overflow']:,}, taskinfo {a['taskinfo_overflow']:,}")
+    print(
+        f"  queue missed {a['missed']}, errors {a['errors']}, resolver gave up {a['resolver_gave_up']:,}",
+        end="",
+    )
+    print(f", unidentified tcp packets {a['unidentified_tcp_packets']:,}", end="")
+    print(f", destroy overruns {a['destroy_overruns']}")
+
+    print("\nnfacct top for each side's process vs the kernel's nft counters (tcp packets):")
+    for name, title in (("out", "acct client (out)"), ("in", "acct echo server (in)")):
+        c = r["attribution"][name]
+        k = c["kernel_packets"]
+        n = c["nfacct_packets"]
+        print(f"  {title:<24} kernel snd {k['snd']:>9,} rcv {k['rcv']:>9,}", end="")
+        if n is None:
+            print(f"   nfacct: NO TASK for pid {c['pid']}")
+            continue
+        verdict = "exact" if n == k else f"{k['snd'] + k['rcv'] - n['snd'] - n['rcv']:,} not attributed"
+        print(f"\n  {'':<24} nfacct snd {n['snd']:>9,} rcv {n['rcv']:>9,}   {verdict}")
+    t = r["attribution"]["total"]
+    print(
+        f"  all {t['kernel_packets']:,} packets: {t['attributed']:,} attributed, {t['unidentified']:,} "
+        f"unidentified ({t['resolver_gave_up']:,} flows given up), {t['counted_nowhere']:,} counted nowhere"
+    )
+    print(f"  daemon exit status {r['daemon_exit_status']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/run.py", description="iperf3 and short-flow benchmarks")
+    p.add_argument("--only", choices=SCENARIOS, help="run one scenario (default: all)")
+    args = p.parse_args(argv)
+    chosen = [args.only] if args.only else list(SCENARIOS)
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root: it creates network namespaces and queue rules")
+    res: dict[str, Any] = {}
+    if args.only and RESULTS.exists():  # keep the other scenario's latest results
+        try:
+            res = json.loads(RESULTS.read_text())
+        except ValueError:
+            res = {}
     started: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="nfacct-bench-") as tmp, Lab("nfbench") as lab:
         rules = Rules(lab.acct)
         try:
-            res = bench(lab, tmp, started)
+            if "iperf3" in chosen:
+                res.update(bench(lab, tmp, started))
+            if "short_flows" in chosen:
+                res["short_flows"] = short_flows(lab, f"{tmp}/short_flows", started)
         finally:
             stop_all(started)
             rules.remove()
     res["host"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "seconds_per_run": SECONDS}
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-    report(res)
+    if "iperf3" in chosen:
+        report(res)
+    if "short_flows" in chosen:
+        report_short_flows(res["short_flows"])
+    print(f"\nwritten to {RESULTS}")
     return 0
 
 

@@ -14,7 +14,7 @@ from datetime import datetime
 from . import __version__, control
 from .control import ControlError
 from .netns import NetnsError
-from .queue import QueueError
+from .queue import QUEUE_MAXLEN, QueueError
 from .rules import DEFAULT_QUEUE, Rules, RulesError
 from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
@@ -113,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-taskinfo", type=positive_int, default=gc.max_taskinfo, metavar="N")
     run.add_argument("--checkpoint-interval", type=positive_seconds, default=10.0, metavar="SECONDS")
     run.add_argument(
+        "--queue-maxlen",
+        type=positive_int,
+        default=QUEUE_MAXLEN,
+        metavar="N",
+        help="packets the kernel holds for the daemon before fail-open lets them pass unaccounted; "
+        f"also how many a stopped daemon can stall (default {QUEUE_MAXLEN})",
+    )
+    run.add_argument(
+        "--takeover",
+        action="store_true",
+        help="replace the daemon answering at --control without losing a packet (queue N and N+1 alternate)",
+    )
+    run.add_argument(
         "--no-proc-connector",
         action="store_true",
         help="detect process exits by polling /proc instead of the proc connector",
@@ -160,7 +173,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import Service, ServiceConfig  # needs netfilterqueue; keep `rules` usable without it
+    from .service import Service, ServiceConfig, ServiceError
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="nfacct: %(message)s")
     gc = GcConfig(
@@ -180,8 +193,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         gc=gc,
         checkpoint_interval=args.checkpoint_interval,
         proc_connector=not args.no_proc_connector,
+        queue_maxlen=args.queue_maxlen,
+        takeover=args.takeover,
     )
-    Service(config).run()
+    try:
+        service = Service(config)
+    except ServiceError as e:
+        print(f"nfacct: error: {e}", file=sys.stderr)
+        return 1
+    service.run()
     return 0
 
 
@@ -193,6 +213,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     store = Store(args.db)
     try:
         rows = store.history(args.since, args.until, args.by)
+        unaccounted = store.unaccounted(args.since, args.until)
     finally:
         store.close()
     if args.json:
@@ -202,7 +223,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        display.print_history(rows, args.by)
+        display.print_history(rows, args.by, unaccounted)
     return 0
 
 

@@ -57,26 +57,42 @@ def listen(path: str) -> socket.socket:
     return s
 
 
-def serve_one(listener: socket.socket, handler) -> None:
-    """Answer one client: `handler(cmd)` returns the answer dict."""
+LATER = object()  # a handler's answer meaning "the caller will answer this connection itself"
+
+
+def serve_one(listener: socket.socket, handler) -> socket.socket | None:
+    """Answer one client: `handler(cmd)` returns the answer dict, or LATER to keep the
+    connection open; it is then returned, to be answered with `answer()`."""
     try:
         conn, _ = listener.accept()
     except BlockingIOError:
-        return
-    with conn:
-        conn.settimeout(1.0)
+        return None
+    conn.settimeout(1.0)
+    try:
+        data = b""
+        while b"\n" not in data and len(data) < MAX_REQUEST:
+            chunk = conn.recv(MAX_REQUEST)
+            if not chunk:
+                break
+            data += chunk
         try:
-            data = b""
-            while b"\n" not in data and len(data) < MAX_REQUEST:
-                chunk = conn.recv(MAX_REQUEST)
-                if not chunk:
-                    break
-                data += chunk
-            try:
-                cmd = json.loads(data)["cmd"]
-                answer = handler(cmd)
-            except (ValueError, KeyError, TypeError):
-                answer = {"error": 'bad request: expected one JSON line like {"cmd": "status"}'}
-            conn.sendall(json.dumps(answer).encode() + b"\n")
+            cmd = json.loads(data)["cmd"]
+            result = handler(cmd)
+        except (ValueError, KeyError, TypeError):
+            result = {"error": 'bad request: expected one JSON line like {"cmd": "status"}'}
+        if result is LATER:
+            return conn
+    except OSError:
+        conn.close()  # a client that goes away mid-request is its own problem
+        return None
+    answer(conn, result)
+    return None
+
+
+def answer(conn: socket.socket, result: dict) -> None:
+    with conn:
+        try:
+            conn.settimeout(10.0)
+            conn.sendall(json.dumps(result).encode() + b"\n")
         except OSError:
             pass  # a client that goes away mid-answer is its own problem

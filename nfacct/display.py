@@ -71,10 +71,18 @@ def print_status(status: dict, console: Console | None = None) -> None:
     for k in ("number", "waiting", "queue_dropped", "user_dropped", "id_sequence", "missed"):
         if k in q:
             table.add_row(f"queue {k}", str(q[k]))
+    cov = status.get("coverage", {})
+    if "unaccounted" in cov:
+        table.add_row("sent to the queue (kernel)", str(cov["queued_by_kernel"]))
+        table.add_row("passed unaccounted", str(cov["unaccounted"]))
+    else:
+        table.add_row("unaccounted packets", f"unknown: {safe(str(cov.get('rules')))}")
     console.print(table)
 
 
-def print_history(rows: list[dict], by: str, console: Console | None = None) -> None:
+def print_history(
+    rows: list[dict], by: str, unaccounted: tuple[int, int] = (0, 0), console: Console | None = None
+) -> None:
     console = console or default_console()
     table = Table(title=f"nfacct history: exited processes by {by} (packets/bytes)")
     table.add_column(by.upper(), no_wrap=True)
@@ -88,4 +96,7 @@ def print_history(rows: list[dict], by: str, console: Console | None = None) -> 
             for d in ("snd", "rcv")
         ]
         table.add_row(safe(str(r[by])), str(r["processes"]), *cells)
+    packets, gaps = unaccounted
+    if packets:
+        table.caption = f"{packets} packets passed unaccounted in {gaps} gaps (table `unaccounted`)"
     console.print(table)

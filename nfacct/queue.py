@@ -111,8 +111,15 @@ class _AckCatcher:
 class Queue:
     """One bound NFQUEUE. `callback(packet)` must give every packet a verdict."""
 
-    def __init__(self, number: int, callback: Callable[[Packet], None], netns_name: str | None = None):
+    def __init__(
+        self,
+        number: int,
+        callback: Callable[[Packet], None],
+        netns_name: str | None = None,
+        maxlen: int = QUEUE_MAXLEN,
+    ):
         self.number = number
+        self.maxlen = maxlen
         self.received = 0
         try:
             with netns.entered(netns_name):
@@ -126,7 +133,7 @@ class Queue:
             nl.close()  # NetfilterQueue keeps its own duplicate
         try:
             self._nfq.bind(
-                number, callback, max_len=QUEUE_MAXLEN, mode=COPY_PACKET, range=COPY_RANGE, sock_len=RCVBUF
+                number, callback, max_len=maxlen, mode=COPY_PACKET, range=COPY_RANGE, sock_len=RCVBUF
             )
         except OSError as e:
             raise QueueError(
@@ -156,13 +163,13 @@ class Queue:
         """Hand every packet waiting on the socket to the callback; returns when none is left."""
         self._nfq.run(block=False)
 
-    def kernel_stats(self) -> KernelQueueStats | None:
+    def all_kernel_stats(self) -> dict[int, KernelQueueStats]:
+        """Every queue of our namespace, by number (a takeover's successor shows up here too)."""
         self._proc_stats.seek(0)
-        for line in self._proc_stats.read().splitlines():
-            stats = KernelQueueStats.parse(line)
-            if stats.queue == self.number:
-                return stats
-        return None
+        return {s.queue: s for s in map(KernelQueueStats.parse, self._proc_stats.read().splitlines())}
+
+    def kernel_stats(self) -> KernelQueueStats | None:
+        return self.all_kernel_stats().get(self.number)
 
     def close(self) -> None:
         self._nfq.unbind()

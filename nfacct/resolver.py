@@ -19,10 +19,18 @@ from dataclasses import dataclass
 
 from .packet import TCP
 from .procs import ProcessFacts, SocketIndex, process_facts
-from .sockdiag import TCP_LISTEN, SockDiag
+from .sockdiag import TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, SockDiag
 from .tables import FlowKey
 
 RETRY_DELAYS = (0.0, 0.002, 0.01, 0.05, 0.2, 1.0, 3.0)
+TCP_CLOSE_WAIT = 8
+# A TCP socket without an inode may still be waiting in an accept queue in these states; in any
+# other (FIN_WAIT, TIME_WAIT, LAST_ACK...) every process that held it has closed it.
+TCP_ACCEPTABLE = (TCP_ESTABLISHED, TCP_SYN_RECV, TCP_CLOSE_WAIT)
+
+
+class Unowned(Exception):
+    """No process holds the socket and none ever will: retrying is pointless."""
 
 
 @dataclass
@@ -61,6 +69,8 @@ class Resolver:
         proto, local, lport, remote, rport = key
         entry = self.sockdiag.lookup(proto, local, lport, remote, rport, ifindex)
         if entry is None or entry.inode == 0:
+            if entry is not None and proto == TCP and entry.state not in TCP_ACCEPTABLE:
+                raise Unowned
             return None
         if proto == TCP and entry.state == TCP_LISTEN and not last:
             return None
@@ -71,6 +81,8 @@ class Resolver:
         last = n == len(RETRY_DELAYS) - 1
         try:
             facts = self.attempt(key, ifindex, last)
+        except Unowned:  # e.g. late FIN/ACK of an exited owner: settle now, not after every retry
+            facts, last = None, True
         except Exception:
             self.errors += 1
             facts = None

@@ -4,6 +4,11 @@ Two backends do the same job. `nft` is the native `queue` statement in table ine
 Kernels built without nft_queue (CONFIG_NFT_QUEUE unset) reject it, so `iptables-nft` installs
 the xtables NFQUEUE target through nft_compat instead, in chains NFACCT_OUT/NFACCT_IN of the
 ip and ip6 filter tables. Both skip packets carrying the daemon's own mark.
+
+Each chain is: mark → return, a counting rule, the queue rule. The counting rule is the kernel's
+own count of every packet sent towards the queue; the daemon compares it with what it received
+to report packets that passed unaccounted (fail-open or no daemon bound). It is a rule of its
+own so that a takeover can repoint the queue rule without resetting the count.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ NFT_TABLE = "nfacct"
 IPT_CHAINS = (("OUTPUT", "NFACCT_OUT"), ("INPUT", "NFACCT_IN"))
 IPT_TOOLS = ("iptables-nft", "ip6tables-nft")
 IPT_FAMILIES = {"iptables-nft": "ip", "ip6tables-nft": "ip6"}
+COUNT_COMMENT = "nfacct-queued"
+IPT_QUEUE_RULENUM = 3  # mark → RETURN, count, NFQUEUE (the first queue rule)
 
 
 class RulesError(Exception):
@@ -57,9 +64,31 @@ def iptables_commands(tool: str, queue: int) -> list[list[str]]:
     for _builtin, chain in IPT_CHAINS:
         cmds += [
             [tool, "-w", "-A", chain, "-m", "mark", "--mark", hex(DAEMON_MARK), "-j", "RETURN"],
-            [tool, "-w", "-A", chain, "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"],
+            [tool, "-w", "-A", chain, "-m", "comment", "--comment", COUNT_COMMENT],
+            [tool, "-w", "-A", chain, *ipt_queue_target(queue)],
         ]
     return cmds
+
+
+def ipt_queue_target(queue: int) -> list[str]:
+    return ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
+
+
+def _is_ours(rule: dict) -> bool:
+    if rule["family"] == "inet":
+        return rule["table"] == NFT_TABLE
+    return rule["table"] == "filter" and rule["chain"] in {c for _b, c in IPT_CHAINS}
+
+
+def _is_queue_rule(rule: dict) -> bool:
+    return any("queue" in e or e.get("xt", {}).get("name") == "NFQUEUE" for e in rule["expr"])
+
+
+def _is_count_rule(rule: dict) -> bool:
+    verdicts = ("queue", "accept", "return", "drop", "jump", "goto")
+    return not any(
+        any(v in e for v in verdicts) or e.get("xt", {}).get("type") == "target" for e in rule["expr"]
+    ) and any("counter" in e for e in rule["expr"])
 
 
 class Rules:
@@ -88,9 +117,17 @@ class Rules:
         return proc
 
     def native_queue_supported(self) -> bool:
-        """Ask the kernel, without changing anything, whether it accepts `queue` (nft -c)."""
+        """Ask the kernel, without changing anything, whether it accepts `queue` (nft -c).
+
+        The probe rule sits in a regular chain, not a base chain: even a check-only (-c)
+        transaction registers a base chain's hooks until it aborts, and a hook list that
+        changes under packets awaiting a verdict makes the kernel resume them at the wrong
+        hook (measured on 6.18: a packet skipped a later chain's counter, another was queued
+        twice). A running daemon must never see that because someone ran `rules show`.
+        """
+        probe = "table inet nfacct_probe {\n\tchain probe {\n\t\tqueue num 0 bypass\n\t}\n}\n"
         with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
-            f.write(render_nft(DEFAULT_QUEUE).replace(f"table inet {NFT_TABLE}", "table inet nfacct_probe"))
+            f.write(probe)
             f.flush()
             return self._run(["nft", "-c", "-f", f.name], check=False).returncode == 0
 
@@ -180,3 +217,89 @@ class Rules:
             text = "".join(listings)
             return RulesState("iptables-nft", self._queue_of(text), supported, text)
         return RulesState("none", None, supported, "")
+
+    def _our_rules(self) -> list[dict]:
+        listing = self._run(["nft", "-j", "list", "ruleset"])
+        items = json.loads(listing.stdout)["nftables"]
+        return [item["rule"] for item in items if "rule" in item and _is_ours(item["rule"])]
+
+    def queued_packets(self) -> int | None:
+        """The kernel's count of packets sent towards the queue since the rules were installed."""
+        counts = [
+            e["counter"]["packets"]
+            for rule in self._our_rules()
+            if _is_count_rule(rule)
+            for e in rule["expr"]
+            if "counter" in e
+        ]
+        return sum(counts) if counts else None
+
+    def queue_rules(self) -> list[tuple[str, str, int | None, int]]:
+        """(family, chain, handle, queue) of every queue rule, in chain order. iptables-nft's
+        JSON does not show the xt target's queue number, so that backend reads `-S` instead
+        (its handle is None)."""
+        found = []
+        for rule in self._our_rules():
+            for e in rule["expr"]:
+                if "queue" in e:
+                    found.append((rule["family"], rule["chain"], rule["handle"], int(e["queue"]["num"])))
+        for tool in IPT_TOOLS:
+            for _builtin, chain in IPT_CHAINS:
+                listing = self._run([tool, "-w", "-S", chain], check=False)
+                for line in listing.stdout.splitlines():
+                    words = line.split()
+                    if "NFQUEUE" in words and "--queue-num" in words:
+                        num = int(words[words.index("--queue-num") + 1])
+                        found.append((IPT_FAMILIES[tool], chain, None, num))
+        return found
+
+    def add_queue(self, queue: int) -> None:
+        """Put a rule for `queue` in front of the installed queue rules (no-op if already there).
+
+        From then on every packet goes to `queue`; the rules behind it stay until
+        `drop_queues_except`, so packets they queued earlier keep a live rule. Measured on
+        kernel 6.18: deleting or replacing a queue rule while packets it queued await their
+        verdict makes the kernel drop those packets on reinject, so a takeover inserts first
+        and deletes only once the old queue is drained.
+        """
+        rules = self.queue_rules()
+        if not rules:
+            raise RulesError("no nfacct rules are installed: run `nfacct rules install` first")
+        firsts: dict[tuple[str, str], tuple[int | None, int]] = {}
+        for family, chain, handle, num in rules:
+            firsts.setdefault((family, chain), (handle, num))
+        script = ""
+        for (family, chain), (handle, num) in firsts.items():
+            if num == queue:
+                continue
+            if handle is None:
+                tool = {v: k for k, v in IPT_FAMILIES.items()}[family]
+                self._run([tool, "-w", "-I", chain, str(IPT_QUEUE_RULENUM), *ipt_queue_target(queue)])
+            else:
+                script += f"insert rule inet {NFT_TABLE} {chain} position {handle} queue num {queue} bypass\n"
+        self._nft_script(script)
+
+    def drop_queues_except(self, queue: int) -> None:
+        """Delete the queue rules that send to any queue but `queue`."""
+        script = ""
+        for family, chain, handle, num in self.queue_rules():
+            if num == queue:
+                continue
+            if handle is None:
+                tool = {v: k for k, v in IPT_FAMILIES.items()}[family]
+                self._run([tool, "-w", "-D", chain, *ipt_queue_target(num)])
+            else:
+                script += f"delete rule inet {NFT_TABLE} {chain} handle {handle}\n"
+        self._nft_script(script)
+
+    def switch_queue(self, queue: int) -> None:
+        """Point the rules at `queue`. Only safe while nobody reads the old queue (see add_queue)."""
+        self.add_queue(queue)
+        self.drop_queues_except(queue)
+
+    def _nft_script(self, script: str) -> None:
+        if script:  # one transaction
+            with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
+                f.write(script)
+                f.flush()
+                self._run(["nft", "-f", f.name])

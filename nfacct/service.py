@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from netfilterqueue import Packet
 
 from . import control
+from .coverage import NOT_COUNTING, Coverage
 from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
 from .procs import is_alive, process_facts
-from .queue import HOOK_LOCAL_OUT, Queue
+from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
 from .resolver import Resolver
+from .rules import Rules, RulesError
 from .sockdiag import ALL_STATES, DestroyEvents, SockDiag, SockDiagError
 from .store import DEFAULT_DB, Store
 from .tables import COUNTER_NAMES, GcConfig, TaskInfo
@@ -42,6 +44,16 @@ class ServiceConfig:
     exit_grace: float = 1.0  # late packets (FIN, ACK) of an exited process still count before it is written
     poll_interval: float = 1.0  # /proc liveness checks when the proc connector is unavailable
     proc_connector: bool = True
+    queue_maxlen: int = QUEUE_MAXLEN
+    takeover: bool = False  # replace the daemon answering at control_path without a gap
+
+    @property
+    def coverage_key(self) -> str:
+        return f"covered:{self.netns or ''}"
+
+
+class ServiceError(Exception):
+    """The service cannot start; one line for the user."""
 
 
 class Service:
@@ -49,6 +61,8 @@ class Service:
         self.config = config
         self.started = time.time()
         self._running = False
+        self._handing_over = False
+        self._successor = None  # the connection of a daemon taking over from us
         self._closers: list = []
         try:
             self._open()
@@ -81,21 +95,97 @@ class Service:
             self.destroy_mode = "sock_diag destroy events"
         except SockDiagError as e:
             self.destroy_mode = f"socket dump each GC cycle ({e})"
-        self._restore()
-        self.queue = Queue(cfg.queue, self._on_packet, cfg.netns)
+        self.rules, self.rules_problem = None, "no nfacct rules installed in the namespace"
+        try:
+            self.rules = Rules(cfg.netns)
+        except RulesError as e:
+            self.rules_problem = str(e)
+        if cfg.takeover:
+            predecessor = self._predecessor_queue()
+            number = cfg.queue + 1 if predecessor == cfg.queue else cfg.queue
+            number = number if number <= 65535 else cfg.queue - 1
+        else:
+            self._listen()  # refuses at once if another daemon answers here
+            number = cfg.queue
+        counter_at_start = self._queued()  # before bind: packets from here on are ours or a gap
+        self.queue = Queue(number, self._on_packet, cfg.netns, maxlen=cfg.queue_maxlen)
         self._closers.append(self.queue.close)
-        self._listener = control.listen(cfg.control_path)
+        queues = {q for *_where, q in self.rules.queue_rules()} if self.rules is not None else set()
+        if queues - {number}:
+            # Our queue rule goes in front; the old ones stay until nothing they queued waits.
+            self.rules.add_queue(number)
+            log.info("queue rules now send to queue %d (were %s)", number, sorted(queues))
+        handed = None
+        if cfg.takeover:
+            handed = self._handover()
+            self._listen()
+        if queues - {number}:
+            self.rules.drop_queues_except(number)
+        self._restore(counter_at_start, handed)
+
+    def _listen(self) -> None:
+        self._listener = control.listen(self.config.control_path)
         self._closers.append(self._close_listener)
+
+    def _predecessor_queue(self) -> int:
+        """The queue the running daemon reads (where the rules point), checked before anything changes."""
+        cfg = self.config
+        control.request(cfg.control_path, "ping")  # ControlError names the path if nobody answers
+        queues = self.rules.queue_rules() if self.rules is not None else []
+        if not queues:
+            raise ServiceError(f"--takeover needs the nfacct rules installed ({self.rules_problem})")
+        return queues[0][-1]
+
+    def _handover(self) -> dict:
+        """Ask the predecessor to drain its queue, flush everything to the database, hand us
+        its tables and exit. Returns the tables.
+
+        Meanwhile our queue holds the packets the moved rules send us; we read them once the
+        predecessor has counted its last one, so every packet is counted exactly once, and
+        flows keep their owners even if the owner exited in between.
+        """
+        path = self.config.control_path
+        answer = control.request(path, "handover", timeout=60)
+        deadline = time.monotonic() + 10
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the predecessor removes its control socket last, as it exits
+        if not os.path.exists(path):
+            return answer["tables"]
+        raise ServiceError(f"the daemon at {path} (pid {answer.get('pid')}) did not exit after handover")
+
+    def _queued(self) -> int | None:
+        if self.rules is None:
+            return None
+        try:
+            return self.rules.queued_packets()
+        except RulesError as e:
+            log.warning("cannot read the queue rules' counter: %s", e)
+            return None
+
+    def _waiting(self) -> int:
+        """Packets queued for us or a predecessor and not yet read."""
+        stats = self.queue.all_kernel_stats()
+        return sum(s.waiting for n, s in stats.items() if n in (self.queue.number, *self._other_queues))
+
+    @property
+    def _other_queues(self) -> tuple[int, ...]:
+        n, base = self.queue.number, self.config.queue
+        return tuple({base, base + 1, base - 1} - {n})
 
     def _close_listener(self) -> None:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.control_path)
 
-    def _restore(self) -> None:
-        """Continue the counts of a checkpoint; record processes that exited while we were down."""
+    def _restore(self, counter_at_start: int | None, handed: dict | None = None) -> None:
+        """Continue the counts of a predecessor: its tables if it handed them over, else its
+        checkpoint; record processes that exited while we were down, and the packets that
+        passed while no daemon counted them."""
+        if handed is not None:
+            for key in self.engine.tables.load(handed):
+                self.resolver.submit(key, 0)
         gone = []
-        for row in self.store.live():
+        for row in self.store.live() if handed is None else ():
             task = TaskInfo(
                 row["pid"],
                 row["btime"],
@@ -111,6 +201,16 @@ class Service:
                 task.exit_time = row["checkpoint_time"]  # the latest moment we know it ran
                 gone.append(task.row())
         self.store.save_exited(gone)
+        self.coverage: Coverage | None = None
+        counter = self._queued()
+        if counter is None:
+            return
+        covered = self.store.state(self.config.coverage_key)
+        if covered is None:  # the first daemon here: nothing before our bind is ours to claim
+            self.coverage = Coverage(counter_at_start if counter_at_start is not None else 0, time.time())
+        else:
+            self.coverage = Coverage.parse(covered)
+        self.checkpoint(reason=NOT_COUNTING)
 
     # ---- per packet ---------------------------------------------------------------------------
 
@@ -180,8 +280,19 @@ class Service:
             for task in done:
                 task.saved = list(task.counters)
 
-    def checkpoint(self) -> None:
-        self.store.checkpoint([t.row() for t in self.engine.tables.running.values()])
+    def checkpoint(self, reason: str | None = None) -> None:
+        """Write live totals, exited processes still in their grace, and what went unaccounted."""
+        self.persist_exited(grace=0.0)  # late packets rewrite them later; a crash must not lose them
+        gaps, state = [], {}
+        counter = self._queued() if self.coverage is not None else None
+        if counter is not None:
+            extra = {"reason": reason} if reason else {}
+            gap = self.coverage.update(counter, self.engine.packets, self._waiting(), time.time(), **extra)
+            if gap is not None:
+                log.warning("%d packets passed unaccounted: %s", gap.packets, gap.reason)
+                gaps.append(gap.as_dict())
+            state[self.config.coverage_key] = self.coverage.state(self.engine.packets)
+        self.store.checkpoint([t.row() for t in self.engine.tables.running.values()], gaps, state)
 
     # ---- control ------------------------------------------------------------------------------
 
@@ -196,6 +307,10 @@ class Service:
             return {"time": time.time(), "tasks": [{**t.as_dict(), "exit_time": t.exit_time} for t in tasks]}
         if cmd == "status":
             return self.status()
+        if cmd == "handover":
+            self._handing_over = True
+            self._running = False
+            return control.LATER  # answered with our tables once the queue is drained and flushed
         return {"error": f"unknown command {cmd!r}"}
 
     def status(self) -> dict:
@@ -206,6 +321,17 @@ class Service:
             # Packet ids count every packet handed to us since bind; any we did not see was
             # lost to a full socket buffer (and, with FAIL_OPEN, accepted without accounting).
             queue["missed"] = kernel.id_sequence - self.engine.packets
+        queue["maxlen"] = self.queue.maxlen
+        coverage = {"rules": self.rules_problem if self.coverage is None else "counting rule found"}
+        counter = self._queued() if self.coverage is not None else None
+        if counter is not None:
+            # Not settled here (that is the checkpoint's job): a snapshot of what is missing now.
+            pending = counter - self._waiting() - self.coverage.covered
+            coverage.update(
+                queued_by_kernel=counter,
+                unaccounted=self.coverage.unaccounted
+                + max(0, pending - (self.engine.packets - self.coverage.seen)),
+            )
         cfg = self.config
         return {
             "pid": os.getpid(),
@@ -213,6 +339,7 @@ class Service:
             "uptime": time.time() - self.started,
             "engine": self.engine.status(),
             "queue": queue,
+            "coverage": coverage,
             "resolver": {
                 "in_flight": self.resolver.in_flight,
                 "resolved": self.resolver.resolved,
@@ -275,17 +402,22 @@ class Service:
                     elif key.data == "destroy":
                         self._on_destroy_events()
                     elif key.data == "control":
-                        control.serve_one(self._listener, self.handle)
+                        waiting = control.serve_one(self._listener, self.handle)
+                        if waiting is not None:
+                            self._successor = waiting
                     else:
                         os.read(wake_r, 512)
                 # After the batch: find the owners of the flows it brought while they still exist.
                 self.engine.apply_answers(self.resolver.work())
                 self._timers(due)
-            self.queue.dispatch()  # what is already queued still gets its verdict and its count
+            self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
-            self.persist_exited(grace=0.0)
             self.checkpoint()
+            if self._successor is not None:
+                tables = self.engine.tables.export()
+                control.answer(self._successor, {"ok": True, "pid": os.getpid(), "tables": tables})
+                self._successor = None
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
@@ -294,6 +426,31 @@ class Service:
             os.close(wake_r)
             os.close(wake_w)
             self.close()
+
+    def _drain(self, timeout: float = 1.0) -> None:
+        """Give what is queued its verdict and its count: unbinding would drop it.
+
+        On a handover the rules already point at the successor; once our queue is empty we wait
+        a moment and look again, for packets that met the old rule just before it changed.
+        """
+        handover = self._handing_over
+        deadline = time.monotonic() + (timeout if handover else 0.1)
+        settled = not handover
+        while True:
+            self.queue.dispatch()
+            stats = self.queue.kernel_stats()
+            if stats is None or stats.waiting == 0:
+                if settled:
+                    return
+                settled = True
+                time.sleep(0.02)
+            elif time.monotonic() > deadline:
+                (log.warning if handover else log.info)(
+                    "%d packets still queued at exit; the kernel drops them on unbind", stats.waiting
+                )
+                return
+            else:
+                time.sleep(0.001)
 
     def _timers(self, due: dict[str, float]) -> None:
         cfg = self.config

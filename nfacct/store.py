@@ -2,7 +2,9 @@
 
 `exited_tasks` holds one row per process that ever sent or received a packet, with its final
 totals. `live_tasks` is the latest checkpoint of running processes, so a restarted daemon
-continues their counts and a process that exits while no daemon runs is still recorded. The
+continues their counts and a process that exits while no daemon runs is still recorded.
+`unaccounted` records packets that reached the queue rule but no process's totals (see
+`coverage`), and `state` the counter value the last checkpoint settled. The
 file is plain SQLite in WAL mode: sqlite-utils and Datasette open it without help.
 """
 
@@ -15,7 +17,7 @@ import sqlite_utils
 
 from .tables import COUNTER_NAMES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = "/var/lib/nfacct/nfacct.db"
 
 _facts = {"pid": int, "btime": float, "command": str, "cmdline": str, "uid": int, "cgroup": str}
@@ -45,6 +47,12 @@ def _migrate(db: sqlite_utils.Database) -> None:
         db["live_tasks"].create(
             {**_facts, "checkpoint_time": float, **_counters}, pk=("pid", "btime"), if_not_exists=True
         )
+    if version < 2:
+        db["unaccounted"].create(
+            {"start": float, "end": float, "packets": int, "reason": str}, if_not_exists=True
+        )
+        db["unaccounted"].create_index(["end"], if_not_exists=True)
+        db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
     # Later versions add their steps here, each guarded by `if version < N`.
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -81,14 +89,35 @@ class Store:
                 self.db.execute("DELETE FROM live_tasks WHERE pid = ? AND btime = ?", (r["pid"], r["btime"]))
         self.writes += 1
 
-    def checkpoint(self, rows: list[dict]) -> None:
-        """Replace the checkpoint of live processes with `rows`, atomically."""
+    def checkpoint(
+        self, rows: list[dict], gaps: list[dict] = (), state: dict[str, str] | None = None
+    ) -> None:
+        """Replace the checkpoint of live processes with `rows`; record `gaps` and `state` with it.
+
+        One transaction, so the settled counter in `state` always matches the totals beside it.
+        """
         now = time.time()
         with self.db.conn:
             self.db.execute("DELETE FROM live_tasks")
             if rows:
                 self.db["live_tasks"].insert_all([{**r, "checkpoint_time": now} for r in rows])
+            if gaps:
+                self.db["unaccounted"].insert_all(gaps)
+            if state:
+                self.db["state"].upsert_all([{"key": k, "value": v} for k, v in state.items()], pk="key")
         self.writes += 1
+
+    def state(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def unaccounted(self, since: float | None = None, until: float | None = None) -> tuple[int, int]:
+        """Packets that reached the queue rule but no process, and in how many gaps, ending in the period."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(packets), 0), COUNT(*) FROM unaccounted WHERE end >= ? AND end <= ?",
+            (since if since is not None else 0, until if until is not None else float("inf")),
+        ).fetchone()
+        return row[0], row[1]
 
     def live(self) -> list[dict]:
         return list(self.db["live_tasks"].rows)

@@ -38,6 +38,9 @@ def add_counters(into: list[int], source: list[int]) -> None:
         into[i] += source[i]
 
 
+PENDING_HORIZON = 10.0  # seconds: longer than the resolver's retries, so GC never races a lookup
+
+
 @dataclass
 class GcConfig:
     """netatop's defaults; all seconds."""
@@ -95,6 +98,8 @@ class SockInfo:
     # PENDING: owner being looked up, counting on temporary counters. RESOLVED: counting for
     # `task`. ORPHANED: `task` exited while the socket may live on in another process; the next
     # packet asks again. RECHECK: that question is in flight. UNIDENTIFIED: nobody found.
+    # ORPHANED and RECHECK count on temporary counters too: they go to whoever the re-check
+    # finds, or back to `task` if nobody holds the socket any more.
     PENDING, RESOLVED, ORPHANED, RECHECK, UNIDENTIFIED = (
         "pending",
         "resolved",
@@ -113,7 +118,7 @@ class SockInfo:
 
     def resolve(self, task: TaskInfo) -> None:
         """Count for `task` from now on: temporary counters move to it; a previous owner keeps its own."""
-        if self.state == SockInfo.PENDING:
+        if self.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK):
             add_counters(task.counters, self.counters)
         if self.task is not None:
             self.task.socks.discard(self.key)
@@ -124,8 +129,14 @@ class SockInfo:
         if self.state == SockInfo.PENDING:
             add_counters(unidentified, self.counters)
             self.counters, self.state = unidentified, SockInfo.UNIDENTIFIED
-        else:  # a re-check found nobody new: late packets keep counting for the old owner
-            self.state = SockInfo.RESOLVED
+        elif self.state in (SockInfo.ORPHANED, SockInfo.RECHECK):
+            # A re-check found nobody new: late packets (FIN, ACK) count for the old owner.
+            add_counters(self.task.counters, self.counters)
+            self.counters, self.state = self.task.counters, SockInfo.RESOLVED
+
+    def orphan(self) -> None:
+        """The owner exited: count on temporary counters until a re-check says for whom."""
+        self.counters, self.state = new_counters(), SockInfo.ORPHANED
 
 
 class Tables:
@@ -172,7 +183,7 @@ class Tables:
         for key in task.socks:
             si = self.socks.get(key)
             if si is not None and not si.closed:
-                si.state = SockInfo.ORPHANED
+                si.orphan()
 
     def add_sock(self, key: FlowKey, now: float) -> SockInfo:
         si = self.socks[key] = SockInfo(key, now)
@@ -180,6 +191,10 @@ class Tables:
         return si
 
     def remove_sock(self, si: SockInfo) -> None:
+        # Temporary counters are never dropped: a re-check still out gives them to the old
+        # owner, a first lookup still out to the unidentified totals.
+        if si.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK):
+            si.give_up(self.unidentified)
         del self.socks[si.key]
         port = (si.key[0], si.key[2])
         keys = self._by_port[port]
@@ -216,6 +231,8 @@ class Tables:
         for si in list(self.socks.values()):
             idle = now - si.last_seen
             proto, _local, lport = si.key[:3]
+            if si.state == SockInfo.PENDING and idle < PENDING_HORIZON:
+                continue  # its lookup is still retrying; the answer would find nothing to apply to
             if (
                 (si.closed and idle >= cfg.closed_idle)
                 or ((si.task is None or si.task.exit_time is not None) and idle >= cfg.unreferenced_idle)
@@ -249,3 +266,56 @@ class Tables:
             "gc_removed_taskinfo": self.gc_removed_tasks,
             "unidentified": dict(zip(COUNTER_NAMES, self.unidentified, strict=True)),
         }
+
+    # ---- handover: the whole table state, for a successor daemon (see service.Service) ---------
+
+    def export(self) -> dict:
+        """Tasks and sockinfos as JSON-ready data; counters a sockinfo shares are not repeated."""
+        tasks = list(self.tasks.values())
+        index = {id(t): i for i, t in enumerate(tasks)}
+        socks = []
+        for si in self.socks.values():
+            proto, local, lport, remote, rport = si.key
+            own = si.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK)
+            socks.append(
+                [
+                    [proto, local.hex(), lport, remote.hex(), rport],
+                    si.state,
+                    si.counters if own else None,
+                    index[id(si.task)] if si.task is not None else None,
+                    si.last_seen,
+                    si.closed,
+                ]
+            )
+        return {
+            "tasks": [{**vars(t), "socks": None} for t in tasks],
+            "socks": socks,
+            "unidentified": self.unidentified,
+        }
+
+    def load(self, state: dict) -> list[FlowKey]:
+        """Take over an exported state; returns the flows whose owner must (again) be looked up."""
+        tasks = []
+        for d in state["tasks"]:
+            task = TaskInfo(**{**d, "socks": set()})
+            self.restore(task)
+            tasks.append(task)
+        add_counters(self.unidentified, state["unidentified"])
+        lookups = []
+        for (proto, local, lport, remote, rport), st, counters, task_i, last_seen, closed in state["socks"]:
+            key = (proto, bytes.fromhex(local), lport, bytes.fromhex(remote), rport)
+            si = self.add_sock(key, last_seen)
+            si.closed = closed
+            si.task = tasks[task_i] if task_i is not None else None
+            if si.task is not None:
+                si.task.socks.add(key)
+            if st == SockInfo.RESOLVED:
+                si.state, si.counters = st, si.task.counters
+            elif st == SockInfo.UNIDENTIFIED:
+                si.state, si.counters = st, self.unidentified
+            else:  # its lookup was the predecessor's: ask again
+                si.state = SockInfo.ORPHANED if st == SockInfo.RECHECK else st
+                si.counters = counters
+                if st == SockInfo.PENDING:
+                    lookups.append(key)
+        return lookups

@@ -14,6 +14,7 @@ import pytest
 from nfacct import control
 from nfacct.lab import Counters, Lab
 from nfacct.rules import Rules
+from nfacct.tables import COUNTER_NAMES
 
 if os.geteuid() != 0:
     pytest.exit("nfacct's tests need root: they create network namespaces and queue rules", returncode=1)
@@ -24,6 +25,21 @@ _ports = itertools.count(41000)
 def free_port() -> int:
     """Ports unique within this test session, so counter rules of different tests never overlap."""
     return next(_ports)
+
+
+def kernel(counters, proto: str, port: int) -> dict[str, int]:
+    """The kernel's count for a port set up by `count_port`, shaped like nfacct's counters."""
+    read = counters.read()
+    view = dict.fromkeys(COUNTER_NAMES, 0)
+    view[f"{proto}sndpacks"], view[f"{proto}sndbytes"] = read[f"{proto}{port}-snd"]
+    view[f"{proto}rcvpacks"], view[f"{proto}rcvbytes"] = read[f"{proto}{port}-rcv"]
+    return view
+
+
+def count_port(counters, proto: str, port: int) -> None:
+    """Kernel counters for a local port: `snd` leaves from it, `rcv` arrives at it."""
+    counters.add(f"{proto}{port}-snd", "out", f"meta l4proto {proto} th sport {port}")
+    counters.add(f"{proto}{port}-rcv", "in", f"meta l4proto {proto} th dport {port}")
 
 
 class Daemon:

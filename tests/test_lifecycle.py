@@ -11,23 +11,10 @@ import subprocess
 import time
 
 import pytest
-from conftest import Daemon
+from conftest import Daemon, count_port, kernel
 
 from nfacct.lab import PEER_V4
 from nfacct.tables import COUNTER_NAMES
-
-
-def kernel(counters, proto: str, port: int) -> dict[str, int]:
-    read = counters.read()
-    view = dict.fromkeys(COUNTER_NAMES, 0)
-    view[f"{proto}sndpacks"], view[f"{proto}sndbytes"] = read[f"{proto}{port}-snd"]
-    view[f"{proto}rcvpacks"], view[f"{proto}rcvbytes"] = read[f"{proto}{port}-rcv"]
-    return view
-
-
-def count_port(counters, proto: str, port: int) -> None:
-    counters.add(f"{proto}{port}-snd", "out", f"meta l4proto {proto} th sport {port}")
-    counters.add(f"{proto}{port}-rcv", "in", f"meta l4proto {proto} th dport {port}")
 
 
 def exited_rows(db: str) -> dict[int, dict]:

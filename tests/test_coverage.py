@@ -1,0 +1,158 @@
+"""Nothing lost: a packet is either in a process's totals or recorded as unaccounted.
+
+Queue overflow (fail-open), a killed daemon and a restart each let packets pass uncounted; the
+ruleset's counting rule sees them, and the tests check, against nft counter rules, that totals
+plus what nfacct recorded as unaccounted equal the kernel's count. A takeover loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import time
+
+from conftest import Daemon, count_port, kernel
+
+from nfacct import control
+from nfacct.coverage import NOT_COUNTING, QUEUE_FULL
+from nfacct.lab import ACCT_V4, PEER_V4
+
+
+def send(lab, port: int, count: int, rate: float = 0) -> None:
+    """`count` UDP datagrams from the peer namespace to the accounted host's `port`."""
+    argv = ["python3", "-m", "nfacct.lab", "sender", "--connect", ACCT_V4, "--port", str(port)]
+    lab.run(lab.peer, [*argv, "--count", str(count), "--rate", str(rate)])
+
+
+def received(daemon: Daemon, pid: int, expected: int, within: float = 5.0) -> int:
+    """The sink's udprcvpacks as nfacct reports it, once it reaches `expected` or time is up."""
+    deadline = time.monotonic() + within
+    while True:
+        ours = next((t["udprcvpacks"] for t in daemon.top() if t["pid"] == pid), 0)
+        if ours >= expected or time.monotonic() > deadline:
+            return ours
+        time.sleep(0.1)
+
+
+def gaps(db: str) -> list[tuple[int, str]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT packets, reason FROM unaccounted ORDER BY start").fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_full_queue_is_recorded_as_unaccounted(lab, counters, tmp_path, port, procs):
+    p = port()
+    count_port(counters, "udp", p)
+    daemon = Daemon(lab.acct, tmp_path, "--queue-maxlen", "32", "--checkpoint-interval", "0.5")
+    sink = lab.role(lab.acct, "sink", "--port", str(p), "--count", "200", "--hold")
+    procs.append(sink)
+    try:
+        assert json.loads(sink.stdout.readline())["ready"]
+        os.kill(daemon.proc.pid, signal.SIGSTOP)  # a daemon that reads nothing: the queue fills up
+        try:
+            send(lab, p, 200)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        assert json.loads(sink.stdout.readline())["received"] == 200 * 200  # fail-open: none dropped
+        ours = received(daemon, sink.pid, 32, within=3)
+        assert 0 < ours <= 32  # at most what the queue held
+        time.sleep(1.0)  # a checkpoint settles the count
+        unaccounted = daemon.status()["coverage"]["unaccounted"]
+        assert ours + unaccounted == kernel(counters, "udp", p)["udprcvpacks"] == 200
+        recorded = gaps(daemon.db)
+        assert sum(n for n, _ in recorded) == unaccounted
+        assert QUEUE_FULL in {reason for _, reason in recorded}
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_killed_daemon_loses_at_most_a_checkpoint_and_says_how_much(lab, counters, tmp_path, port, procs):
+    p = port()
+    count_port(counters, "udp", p)
+    daemon = Daemon(lab.acct, tmp_path, "--checkpoint-interval", "0.5")
+    sink = lab.role(lab.acct, "sink", "--port", str(p), "--count", "120", "--hold")
+    procs.append(sink)
+    assert json.loads(sink.stdout.readline())["ready"]
+    send(lab, p, 30)
+    assert received(daemon, sink.pid, 30) == 30
+    time.sleep(1.0)  # checkpointed
+    send(lab, p, 30)
+    time.sleep(0.1)  # counted, most likely not yet checkpointed
+    daemon.proc.kill()
+    daemon.proc.wait()
+    conn = sqlite3.connect(daemon.db)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)  # the file survives
+    conn.close()
+    send(lab, p, 30)  # nobody bound: bypass
+    daemon = Daemon(lab.acct, tmp_path, "--checkpoint-interval", "0.5", db=daemon.db)
+    try:
+        send(lab, p, 30)
+        assert json.loads(sink.stdout.readline())["received"] == 120 * 200
+        ours = received(daemon, sink.pid, 60)
+        assert 60 <= ours <= 90  # the first checkpoint and the last 30 at least
+        recorded = gaps(daemon.db)
+        assert [reason for _, reason in recorded] == [NOT_COUNTING]
+        assert ours + recorded[0][0] == kernel(counters, "udp", p)["udprcvpacks"] == 120
+    finally:
+        assert daemon.stop() == 0
+
+
+def wait_until_answering(daemon: Daemon, predecessor: Daemon) -> None:
+    assert predecessor.proc.wait(timeout=15) == 0, predecessor.log.read_text()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if control.request(daemon.control, "ping").get("ok"):
+            return
+    raise AssertionError("the successor does not answer")
+
+
+def test_takeover_in_the_middle_of_traffic_loses_nothing(lab, counters, tmp_path, port, procs):
+    """Two takeovers while UDP flows in both directions and a TCP client exchanges: all exact."""
+    sink_port, out_port, echo_port, tcp_sport = port(), port(), port(), port()
+    count_port(counters, "udp", sink_port)
+    count_port(counters, "tcp", tcp_sport)
+    counters.add("out-snd", "out", f"udp dport {out_port}")
+    daemon = Daemon(lab.acct, tmp_path)
+    peer_sink = lab.role(lab.peer, "sink", "--port", str(out_port), "--count", "3000")
+    echo = lab.role(lab.peer, "echo-server", "--port", str(echo_port))
+    sink = lab.role(lab.acct, "sink", "--port", str(sink_port), "--count", "3000", "--hold")
+    procs += [peer_sink, echo, sink]
+    for p in (peer_sink, echo, sink):
+        assert json.loads(p.stdout.readline())["ready"]
+    out = ["sender", "--connect", PEER_V4, "--port", str(out_port), "--count", "3000", "--rate", "1000"]
+    inbound = ["sender", "--connect", ACCT_V4, "--port", str(sink_port), "--count", "3000", "--rate", "1000"]
+    tcp = ["client", "--connect", PEER_V4, "--port", str(echo_port), "--sport", str(tcp_sport)]
+    tcp += ["--rounds", "300", "--size", "2000", "--pause", "0.01", "--hold"]
+    sender_out, sender_in, client = (
+        lab.role(lab.acct, *out),
+        lab.role(lab.peer, *inbound),
+        lab.role(lab.acct, *tcp),
+    )
+    procs += [sender_out, sender_in, client]
+    try:
+        for _ in range(2):
+            time.sleep(0.8)
+            successor = Daemon(lab.acct, tmp_path, "--takeover", db=daemon.db)
+            wait_until_answering(successor, daemon)
+            daemon = successor
+        got = json.loads(sink.stdout.readline())["received"]
+        assert got == 3000 * 200
+        assert json.loads(client.stdout.readline())["received"] == 300 * 2000
+        assert sender_out.wait(timeout=10) == 0
+        time.sleep(0.5)
+        tasks = {t["pid"]: t for t in daemon.top()}
+        assert tasks[sink.pid]["udprcvpacks"] == kernel(counters, "udp", sink_port)["udprcvpacks"] == 3000
+        assert tasks[sender_out.pid]["udpsndpacks"] == counters.read()["out-snd"][0] == 3000
+        tcp_ours = {
+            k: tasks[client.pid][k] for k in ("tcpsndpacks", "tcpsndbytes", "tcprcvpacks", "tcprcvbytes")
+        }
+        tcp_kernel = kernel(counters, "tcp", tcp_sport)
+        assert tcp_ours == {k: tcp_kernel[k] for k in tcp_ours}
+        assert daemon.status()["coverage"]["unaccounted"] == 0
+        assert gaps(daemon.db) == []
+    finally:
+        assert daemon.stop() == 0
