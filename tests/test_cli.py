@@ -138,3 +138,30 @@ def test_a_newer_schema_is_refused_clearly(tmp_path):
     out = nfacct("history", "--db", db)
     assert out.returncode == 1
     assert "schema 99 is newer" in out.stderr
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    from nfacct.store import SCHEMA_VERSION, Store
+
+    db = str(tmp_path / "v1.db")
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TABLE exited_tasks (pid INTEGER, btime FLOAT, command TEXT, cmdline TEXT, uid INTEGER,"
+        " cgroup TEXT, exit_time FLOAT, tcpsndpacks INTEGER, tcpsndbytes INTEGER, tcprcvpacks INTEGER,"
+        " tcprcvbytes INTEGER, udpsndpacks INTEGER, udpsndbytes INTEGER, udprcvpacks INTEGER,"
+        " udprcvbytes INTEGER, PRIMARY KEY (pid, btime))"
+    )
+    conn.execute("INSERT INTO exited_tasks VALUES (7, 1.0, 'old', 'old', 0, '', 2.0, 1, 2, 3, 4, 5, 6, 7, 8)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = Store(db)
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert [r["command"] for r in store.exited()] == ["old"]
+        assert store.unaccounted() == (0, 0)
+        assert store.state("covered:") is None
+    finally:
+        store.close()
