@@ -137,6 +137,10 @@ class Rules:
             raise RulesError(f"queue number {queue} is out of range 0-65535")
         if backend == "auto":
             backend = "nft" if self.native_queue_supported() else "iptables-nft"
+        if self._installed_as(backend, queue):
+            # Leave complete rules alone: rebuilding would reset the counting rule and delete
+            # the queue rule under packets a running daemon has not yet given a verdict.
+            return backend
         if backend == "nft":
             self._remove_iptables()
             with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
@@ -149,6 +153,19 @@ class Rules:
         else:
             raise RulesError(f"unknown backend {backend!r}: use auto, nft or iptables-nft")
         return backend
+
+    def _installed_as(self, backend: str, queue: int) -> bool:
+        rules = self._our_rules()
+        family_ok = (lambda f: f == "inet") if backend == "nft" else (lambda f: f in ("ip", "ip6"))
+        chains = {(r["family"], r["chain"]) for r in rules if family_ok(r["family"]) and _is_count_rule(r)}
+        queues = [(f, c, q) for f, c, _h, q in self.queue_rules() if family_ok(f)]
+        expected = 2 if backend == "nft" else 4
+        return (
+            len(chains) == expected
+            and len(queues) == expected
+            and all(q == queue for *_fc, q in queues)
+            and {(f, c) for f, c, _q in queues} == chains
+        )
 
     def _install_iptables(self, queue: int) -> None:
         for tool in IPT_TOOLS:

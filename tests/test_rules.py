@@ -47,8 +47,11 @@ def test_install_is_idempotent_and_remove_leaves_nothing(fresh_lab):
     rules = Rules(fresh_lab.acct)
     rules.install(queue=3)
     once = ruleset(fresh_lab)
+    fresh_lab.run(fresh_lab.acct, ["ping", "-c", "2", "-i", "0.05", "-q", PEER_V4])
+    counted = rules.queued_packets()
     rules.install(queue=3)
     assert ruleset(fresh_lab) == once
+    assert rules.queued_packets() >= counted >= 4, "a second install must not reset the count"
     assert "queue num 3 bypass" in once or "queue to 3 bypass" in once
     state = rules.show()
     assert state.queue == 3 and state.backend != "none"
