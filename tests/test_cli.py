@@ -41,6 +41,7 @@ def nfacct(*args: str) -> subprocess.CompletedProcess:
         (("rules", "install", "--queue", "70000"), 2, "queue number 70000 is out of range"),
         (("run", "--queue", "abc"), 2, "argument --queue: queue number must be an integer, not 'abc'"),
         (("rules", "install", "--bogus"), 2, "unrecognized arguments: --bogus"),
+        (("run", "--queue-maxlen", "0"), 2, "argument --queue-maxlen: expected a positive integer, not '0'"),
         (("rules", "install", "--backend", "pf"), 2, "invalid choice: 'pf'"),
     ],
 )
@@ -165,3 +166,11 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
         assert store.state("covered:") is None
     finally:
         store.close()
+
+
+def test_takeover_without_a_daemon_to_take_over_is_a_clear_error(tmp_path):
+    control = str(tmp_path / "control.sock")
+    r = nfacct("run", "--takeover", "--control", control, "--db", str(tmp_path / "db"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"nfacct: error: no nfacct daemon at {control} (start one with `nfacct run`)"
+    assert not os.path.exists(control)
