@@ -2,10 +2,14 @@
 then the daemon's memory under 50,000 short TCP flows.
 
 The iperf3 server runs in the lab's peer namespace, the client in the accounted one. Every test
-runs twice in the same lab: with no queue rules, then with nfacct's rules and a running daemon.
-nft counter rules in the accounted namespace (present in both runs) give the kernel's own count
-of each test's packets, to check what nfacct attributed to the iperf3 client. Prints a table and
-writes bench/results.json. The root namespace is never touched: rules, the daemon's sockets and
+runs twice in the same lab: with no queue rules, then with nfacct's rules and a daemon of its own
+(a fresh database each, so that its `unaccounted` table holds that test's gaps alone). nft
+counter rules in the accounted namespace (present in both runs) give the kernel's own count of
+each test's packets, to check what nfacct attributed to the iperf3 client: attributed +
+unidentified + unaccounted against the kernel's count. `unaccounted` (the database's sum, written
+when SIGTERM flushes; `status` coverage is kept too) covers every packet queued in the namespace,
+not only the test's, so the check is reported, not asserted. Prints a table and writes
+bench/results.json. The root namespace is never touched: rules, the daemon's sockets and
 all traffic live in namespaces created and removed by this run.
 
 `short_flows` (issue: GC removes the sockinfo of closed connections within its cycle and keeps
@@ -13,17 +17,19 @@ memory bounded) runs a fresh daemon with the default GC settings while one clien
 the accounted namespace makes 50,000 short connections to echo servers in the peer namespace
 (and one in the peer namespace makes 10,000 the other way). It samples the daemon's RSS and
 table sizes every 0.5 s until one GC cycle after the traffic, and checks the clients' counts
-against nft counters. `--only iperf3|short_flows` runs one scenario and keeps the other's
-results in bench/results.json.
+against nft counters, with the packets unaccounted meanwhile. `--only iperf3|short_flows` runs
+one scenario and keeps the other's results in bench/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import select
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -103,19 +109,22 @@ def run_test(lab: Lab, counters: Counters, name: str) -> dict:
     return res
 
 
-def start_daemon(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> tuple[subprocess.Popen, str]:
-    ctl = f"{tmp}/c.sock"
-    argv = [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--control", ctl]
-    usage = subprocess.run([*argv[:4], "--help"], capture_output=True, text=True, timeout=30).stdout
-    if "--db" in usage:  # keep the daemon's database in our temporary directory, not /var/lib
-        argv += ["--db", f"{tmp}/nfacct.db"]
-    with open(f"{tmp}/daemon.log", "w") as log:
+class Daemon(NamedTuple):
+    proc: subprocess.Popen
+    ctl: str  # control socket
+    db: str  # its own database, in our temporary directory (not /var/lib)
+
+
+def start_daemon(lab: Lab, tmp: str, started: list[subprocess.Popen], name: str = "nfacct") -> Daemon:
+    ctl, db, log_path = f"{tmp}/{name}.sock", f"{tmp}/{name}.db", f"{tmp}/{name}.log"
+    argv = [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--control", ctl, "--db", db]
+    with open(log_path, "w") as log:
         daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     started.append(daemon)
 
     def pong() -> bool:
         if daemon.poll() is not None:
-            raise RuntimeError(f"daemon exited early: {Path(tmp, 'daemon.log').read_text()}")
+            raise RuntimeError(f"daemon exited early: {Path(log_path).read_text()}")
         try:
             control.request(ctl, "ping", timeout=1)
         except control.ControlError:
@@ -123,7 +132,32 @@ def start_daemon(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> tuple[s
         return True
 
     wait_for("the nfacct daemon", pong, timeout=15)
-    return daemon, ctl
+    return Daemon(daemon, ctl, db)
+
+
+def stop_daemon(d: Daemon) -> dict:
+    """SIGTERM (the daemon drains its queue and writes its last checkpoint), then what its
+    database recorded as unaccounted."""
+    d.proc.terminate()
+    res: dict[str, Any] = {"exit_status": d.proc.wait(timeout=10)}
+    res["left_control_socket"] = os.path.exists(d.ctl)
+    with contextlib.closing(sqlite3.connect(d.db)) as db:
+        gaps = db.execute("SELECT reason, COUNT(*), SUM(packets) FROM unaccounted GROUP BY reason").fetchall()
+    res["unaccounted"] = sum(packets for _, _, packets in gaps)
+    res["unaccounted_gaps"] = {reason: {"gaps": n, "packets": packets} for reason, n, packets in gaps}
+    return res
+
+
+def coverage_check(kernel: int, attributed: int, unidentified: int, unaccounted: int | None) -> dict:
+    """attributed + unidentified + unaccounted against the kernel's count (residual 0: it holds)."""
+    residual = None if unaccounted is None else kernel - attributed - unidentified - unaccounted
+    return {
+        "kernel": kernel,
+        "attributed": attributed,
+        "unidentified": unidentified,
+        "unaccounted": unaccounted,
+        "residual": residual,
+    }
 
 
 def bench(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
@@ -137,25 +171,37 @@ def bench(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
         counters.add(name, test.chain, test.match)
 
     res: dict[str, Any] = {"baseline": {name: run_test(lab, counters, name) for name in TESTS}}
-    res["backend"] = Rules(lab.acct).install()
-    daemon, ctl = start_daemon(lab, tmp, started)
-    res["nfacct"] = {name: run_test(lab, counters, name) for name in TESTS}
-    status = control.request(ctl, "status")
-    tasks = control.request(ctl, "top")["tasks"]
-    res["daemon"] = {
-        "packets": status["engine"]["packets"],
-        **{k: status["queue"].get(k) for k in ("missed", "queue_dropped", "user_dropped")},
-        "errors": status["engine"]["errors"],
-        "rss_mib": psutil.Process(daemon.pid).memory_info().rss / 2**20,
-    }
-    res["attribution"] = {}
-    for name, run in res["nfacct"].items():
+    rules = Rules(lab.acct)
+    res["backend"] = rules.install()
+    for key in ("nfacct", "daemon", "attribution", "coverage", "check", "status"):
+        res[key] = {}
+    for name, test in TESTS.items():  # one daemon, and database, per test
+        daemon = start_daemon(lab, tmp, started, name)
+        queued_before = rules.queued_packets()
+        run = res["nfacct"][name] = run_test(lab, counters, name)
+        status = control.request(daemon.ctl, "status")
+        tasks = control.request(daemon.ctl, "top")["tasks"]
+        res["daemon"][name] = {
+            "packets": status["engine"]["packets"],
+            **{k: status["queue"].get(k) for k in ("missed", "queue_dropped", "user_dropped")},
+            "errors": status["engine"]["errors"],
+            "rss_mib": psutil.Process(daemon.proc.pid).memory_info().rss / 2**20,
+        }
         task = next((t for t in tasks if t["comm"] == "iperf3" and t["pid"] == run["pid"]), None)
         res["attribution"][name] = task
-    res["status"] = status
-    daemon.terminate()
-    res["daemon"]["exit_status"] = daemon.wait(timeout=10)
-    res["daemon"]["left_control_socket"] = os.path.exists(ctl)
+        coverage = status["coverage"]
+        if queued_before is not None and coverage.get("queued_by_kernel") is not None:
+            coverage["queued_during_test"] = coverage["queued_by_kernel"] - queued_before
+        res["status"][name] = status
+        res["daemon"][name].update(stop_daemon(daemon))
+        coverage["unaccounted_db"] = res["daemon"][name]["unaccounted"]
+        res["coverage"][name] = coverage
+        res["check"][name] = coverage_check(
+            run["kernel"][0],
+            0 if task is None else task[test.field + "packs"],
+            status["engine"]["unidentified"][test.field + "packs"],
+            coverage["unaccounted_db"],
+        )
     return res
 
 
@@ -188,13 +234,32 @@ def report(res: dict) -> None:
         verdict = "exact" if (packets, size) == (k_packets, k_bytes) else f"{k_packets - packets:,} uncounted"
         print(f"  {test.field + 'packs/bytes':<24} nfacct {packets:>9,} packets {size:>15,} bytes  {verdict}")
 
-    d = res["daemon"]
-    print(f"\ndaemon (queue rules via {res['backend']}): ", end="")
-    print(
-        ", ".join(f"{k} {d[k]:,}" for k in ("packets", "missed", "queue_dropped", "user_dropped", "errors"))
-    )
-    print(f"  RSS {d['rss_mib']:.1f} MiB, exit status {d['exit_status']}", end="")
-    print(", left its control socket behind" if d["left_control_socket"] else "")
+    print("\nattributed + unidentified + unaccounted == kernel (packets; unaccounted: the database's")
+    print("sum after SIGTERM, `status` coverage just before in brackets; it counts every packet queued")
+    print("in the namespace, the test's or not, so a negative residual is other traffic):")
+    heads = ("kernel", 10), ("attributed", 12), ("unident.", 10), ("unaccounted", 12), ("(status)", 10)
+    print(f"  {'':<24}" + "".join(f"{h:>{w}}" for h, w in (*heads, ("residual", 10))))
+    for name, test in TESTS.items():
+        c, cov = res["check"][name], res["coverage"][name]
+        unacc = "-" if c["unaccounted"] is None else f"{c['unaccounted']:,}"
+        snap = cov.get("unaccounted")
+        snap = "-" if snap is None else f"({snap:,})"
+        resid = "-" if c["residual"] is None else f"{c['residual']:,}"
+        print(
+            f"  {test.title:<24}{c['kernel']:>10,}{c['attributed']:>12,}{c['unidentified']:>10,}"
+            f"{unacc:>12}{snap:>10}{resid:>10}"
+        )
+
+    print(f"\none daemon per test (queue rules via {res['backend']}):")
+    for name, test in TESTS.items():
+        d, cov = res["daemon"][name], res["coverage"][name]
+        counts = ", ".join(
+            f"{k} {d[k]:,}" for k in ("packets", "missed", "queue_dropped", "user_dropped", "errors")
+        )
+        queued = cov.get("queued_during_test")
+        print(f"  {test.title:<24}{counts}" + ("" if queued is None else f", queued by kernel {queued:,}"))
+        print(f"  {'':<24}RSS {d['rss_mib']:.1f} MiB, exit status {d['exit_status']}", end="")
+        print(", left its control socket behind" if d["left_control_socket"] else "")
 
 
 # ---- short_flows: memory under 50,000 short TCP flows ----------------------------------------
@@ -242,6 +307,8 @@ def snapshot(daemon: subprocess.Popen, ctl: str, t0: float) -> dict:
         "resolver_gave_up": resolver["gave_up"],
         "socket_index": resolver["socket_index"],  # inode -> process entries learned from /proc
         "destroy_overruns": status["events"]["destroy_overruns"],
+        "queued_by_kernel": status["coverage"].get("queued_by_kernel"),
+        "unaccounted": status["coverage"].get("unaccounted"),  # a snapshot, settled at checkpoints
     }
 
 
@@ -304,7 +371,8 @@ def short_flows(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
     stop_all([base])
 
     res["backend"] = rules.install()
-    daemon, ctl = start_daemon(lab, tmp, procs)
+    dmn = start_daemon(lab, tmp, procs)
+    daemon, ctl = dmn.proc, dmn.ctl
     t0 = time.monotonic()
     timeline: list[dict] = []
 
@@ -361,18 +429,24 @@ def short_flows(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
             "kernel_packets": kernel,
             "nfacct_packets": None if task is None else {d: task[f"tcp{d}packs"] for d in ("snd", "rcv")},
         }
-    # Every packet of these flows is either some process's or `unidentified`; the rest is lost.
+    # Every packet of these flows is some process's, `unidentified` or unaccounted (passed the
+    # queue unseen); the rest is counted nowhere. Unaccounted over the same window, from
+    # `status` (traffic has paused, so its snapshot is exact); the database's total below.
     kernel_total = sum(sum(c["kernel_packets"].values()) for c in check.values())
     attributed = sum(sum((c["nfacct_packets"] or {}).values()) for c in check.values())
     unidentified = settled["unidentified_tcp_packets"] - points["before"]["unidentified_tcp_packets"]
+    window = (settled["unaccounted"], points["before"]["unaccounted"])
+    unaccounted = None if None in window else window[0] - window[1]
     check["total"] = {
         "kernel_packets": kernel_total,
         "attributed": attributed,
         "unidentified": unidentified,
-        "counted_nowhere": kernel_total - attributed - unidentified,
+        "unaccounted": unaccounted,
+        "counted_nowhere": kernel_total - attributed - unidentified - (unaccounted or 0),
         "resolver_gave_up": settled["resolver_gave_up"],
         "settled_after_s": round(time.monotonic() - t_end, 2),
     }
+    check["coverage"] = coverage_check(kernel_total, attributed, unidentified, unaccounted)
     res["attribution"] = check
 
     # Let the clients exit, then wait for the first GC cycle that starts once every closed flow
@@ -395,8 +469,10 @@ def short_flows(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
     res["points"] = points
     res["gc"] = gc
     res["timeline"] = timeline
-    daemon.terminate()
-    res["daemon_exit_status"] = daemon.wait(timeout=10)
+    res["coverage"] = control.request(ctl, "status", timeout=10)["coverage"]  # just before SIGTERM
+    stopped = stop_daemon(dmn)
+    res["daemon_exit_status"] = stopped.pop("exit_status")
+    res["daemon"] = stopped  # the database's unaccounted total: the daemon's whole run
     return res
 
 
@@ -456,11 +532,22 @@ def report_short_flows(r: dict) -> None:
         verdict = "exact" if n == k else f"{k['snd'] + k['rcv'] - n['snd'] - n['rcv']:,} not attributed"
         print(f"\n  {'':<24} nfacct snd {n['snd']:>9,} rcv {n['rcv']:>9,}   {verdict}")
     t = r["attribution"]["total"]
+    unacc = "-" if t["unaccounted"] is None else f"{t['unaccounted']:,}"
     print(
         f"  all {t['kernel_packets']:,} packets: {t['attributed']:,} attributed, {t['unidentified']:,} "
-        f"unidentified ({t['resolver_gave_up']:,} flows given up), {t['counted_nowhere']:,} counted nowhere"
+        f"unidentified ({t['resolver_gave_up']:,} flows given up), {unacc} unaccounted, "
+        f"{t['counted_nowhere']:,} counted nowhere"
     )
-    print(f"  daemon exit status {r['daemon_exit_status']}")
+    c = r["attribution"]["coverage"]
+    holds = "holds" if c["residual"] == 0 else f"residual {c['residual']}"
+    print(f"  attributed + unidentified + unaccounted == kernel: {holds}")
+    dd, cov = r["daemon"], r["coverage"]
+    snap, queued = (cov.get(k) for k in ("unaccounted", "queued_by_kernel"))
+    print(
+        f"  unaccounted over the daemon's run: {dd['unaccounted']:,} in the database after SIGTERM "
+        f"({'-' if snap is None else f'{snap:,}'} in `status` just before; queued by kernel "
+        f"{'-' if queued is None else f'{queued:,}'}); daemon exit status {r['daemon_exit_status']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"also how many a stopped daemon can stall (default {QUEUE_MAXLEN})",
     )
     run.add_argument(
+        "--no-hold",
+        action="store_true",
+        help="let the first packet of a new outgoing TCP connection pass before its owner is found "
+        "(faster connection setup; connections shorter than a lookup may stay unidentified)",
+    )
+    run.add_argument(
         "--takeover",
         action="store_true",
         help="replace the daemon answering at --control without losing a packet (queue N and N+1 alternate)",
@@ -195,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         proc_connector=not args.no_proc_connector,
         queue_maxlen=args.queue_maxlen,
         takeover=args.takeover,
+        hold_new_connections=not args.no_hold,
     )
     try:
         service = Service(config)

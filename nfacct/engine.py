@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from .packet import ICMP, ICMPV6, TCP, UDP, Malformed, parse
 from .resolver import Answer
-from .tables import GcConfig, SockInfo, Tables, counter_base
+from .tables import FlowKey, GcConfig, SockInfo, Tables, counter_base
 
 PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 FRAGMENT_MEMORY = 4096  # first fragments remembered, to attribute the fragments that follow
@@ -33,18 +33,21 @@ class Engine:
         self.unattributed_fragments = 0
         self._fragments: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
 
-    def account(self, data: bytes, outgoing: bool, ifindex: int = 0, now: float | None = None) -> None:
+    def account(
+        self, data: bytes, outgoing: bool, ifindex: int = 0, now: float | None = None
+    ) -> FlowKey | None:
+        """Count one packet; returns the flow's key if it is new (its owner is being looked up)."""
         self.packets += 1
         p = parse(data)
         if type(p) is Malformed:
             self.malformed[p.reason] = self.malformed.get(p.reason, 0) + 1
-            return
+            return None
         proto = p.proto
         stats = self.by_proto["out" if outgoing else "in"][PROTO_NAMES.get(proto, "other")]
         stats[0] += 1
         stats[1] += p.length
         if proto != TCP and proto != UDP:
-            return
+            return None
         sport, dport = p.sport, p.dport
         if p.frag_id >= 0:
             frag_key = (p.src, p.dst, p.frag_id, proto)
@@ -56,7 +59,7 @@ class Engine:
                 ports = self._fragments.get(frag_key)
                 if ports is None:
                     self.unattributed_fragments += 1
-                    return
+                    return None
                 sport, dport = ports
         if outgoing:
             key = (proto, p.src, sport, p.dst, dport)
@@ -73,17 +76,21 @@ class Engine:
                 c = tables.unidentified
                 c[slot] += 1
                 c[slot + 1] += p.length
-                return
+                return None
             si = tables.add_sock(key, now)
             self.submit(key, ifindex)
-        else:
-            si.last_seen = now
-            if si.state == SockInfo.ORPHANED:
-                si.state = SockInfo.RECHECK
-                self.submit(key, ifindex)
+            c = si.counters
+            c[slot] += 1
+            c[slot + 1] += p.length
+            return key
+        si.last_seen = now
+        if si.state == SockInfo.ORPHANED:
+            si.state = SockInfo.RECHECK
+            self.submit(key, ifindex)
         c = si.counters
         c[slot] += 1
         c[slot + 1] += p.length
+        return None
 
     def apply_answers(self, answers: list[Answer]) -> None:
         tables = self.tables

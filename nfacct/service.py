@@ -20,6 +20,7 @@ from . import control
 from .coverage import NOT_COUNTING, Coverage
 from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
+from .packet import TCP
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
 from .resolver import Resolver
@@ -31,6 +32,7 @@ from .tables import COUNTER_NAMES, GcConfig, TaskInfo
 log = logging.getLogger("nfacct")
 
 PERSIST_TICK = 0.25
+HOLD_MAX = 4096  # first packets held for their lookup at most; beyond, they pass at once
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ServiceConfig:
     proc_connector: bool = True
     queue_maxlen: int = QUEUE_MAXLEN
     takeover: bool = False  # replace the daemon answering at control_path without a gap
+    hold_new_connections: bool = True  # first packet of a new outgoing TCP flow waits for its lookup
 
     @property
     def coverage_key(self) -> str:
@@ -62,6 +65,8 @@ class Service:
         self.started = time.time()
         self._running = False
         self._handing_over = False
+        self._held: list[Packet] = []  # first packets of new outgoing TCP flows (see _on_packet)
+        self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self._successor = None  # the connection of a daemon taking over from us
         self._closers: list = []
         try:
@@ -215,13 +220,25 @@ class Service:
     # ---- per packet ---------------------------------------------------------------------------
 
     def _on_packet(self, pkt: Packet) -> None:
-        # The verdict goes first: accounting never holds a packet back.
-        pkt.accept()
         try:
             outgoing = pkt.hook == HOOK_LOCAL_OUT
-            self.engine.account(pkt.get_payload(), outgoing, pkt.outdev if outgoing else pkt.indev)
+            new = self.engine.account(pkt.get_payload(), outgoing, pkt.outdev if outgoing else pkt.indev)
         except Exception:
             self.engine.errors += 1
+            new = None
+        if new is not None and outgoing and new[0] == TCP and len(self._held) < self._hold_max:
+            # The first packet of a new outgoing connection (its SYN, as a rule) waits for the
+            # first lookup, right after this batch: connect() cannot return before it leaves,
+            # so the process still holds the socket when we look. A connection that lives
+            # less than a millisecond would otherwise be gone, unidentified.
+            self._held.append(pkt)
+        else:
+            pkt.accept()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for pkt in held:
+            pkt.accept()
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -408,7 +425,10 @@ class Service:
                     else:
                         os.read(wake_r, 512)
                 # After the batch: find the owners of the flows it brought while they still exist.
-                self.engine.apply_answers(self.resolver.work())
+                try:
+                    self.engine.apply_answers(self.resolver.work())
+                finally:
+                    self._release_held()
                 self._timers(due)
             self._drain()
             self.engine.apply_answers(self.resolver.work())
@@ -438,6 +458,7 @@ class Service:
         settled = not handover
         while True:
             self.queue.dispatch()
+            self._release_held()
             stats = self.queue.kernel_stats()
             if stats is None or stats.waiting == 0:
                 if settled:

@@ -156,3 +156,32 @@ def test_takeover_in_the_middle_of_traffic_loses_nothing(lab, counters, tmp_path
         assert gaps(daemon.db) == []
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_thousand_short_connections_are_all_attributed(lab, counters, daemon, port, procs):
+    """connect, 32 bytes echoed, close: over in about a millisecond, yet never unidentified."""
+    first = port()
+    for _ in range(3):
+        port()  # the flows role uses four consecutive server ports
+    ports = f"{first}-{first + 3}"
+    counters.add(f"flows{first}-snd", "out", f"tcp dport {ports}")
+    counters.add(f"flows{first}-rcv", "in", f"tcp sport {ports}")
+    for i in range(4):
+        server = lab.role(lab.peer, "echo-server", "--port", str(first + i))
+        procs.append(server)
+        assert json.loads(server.stdout.readline())["ready"]
+    flows = ["flows", "--connect", PEER_V4, "--port", str(first), "--ports", "4", "--count", "1000", "--hold"]
+    client = lab.role(lab.acct, *flows)
+    procs.append(client)
+    assert json.loads(client.stdout.readline())["flows"] == 1000
+    read = counters.read()
+    kernel_counts = {"tcpsndpacks": read[f"flows{first}-snd"][0], "tcprcvpacks": read[f"flows{first}-rcv"][0]}
+    deadline = time.monotonic() + 5
+    while True:
+        task = next((t for t in daemon.top() if t["pid"] == client.pid), {})
+        ours = {k: task.get(k) for k in kernel_counts}
+        if ours == kernel_counts or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert ours == kernel_counts
+    assert kernel_counts["tcpsndpacks"] >= 5000
