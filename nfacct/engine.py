@@ -99,6 +99,8 @@ class Engine:
             if si is None:
                 continue
             f = answer.facts
+            if answer.via_listener and si.state != SockInfo.PENDING:
+                f = None  # a re-check: late packets of a closed socket stay with its exited owner
             task = None if f is None else tables.task(f.pid, f.btime, f.comm, f.cmdline, f.uid, f.cgroup)
             if task is None:
                 si.give_up(tables.unidentified)

@@ -158,6 +158,18 @@ def _hold(args: argparse.Namespace, report: dict) -> None:
         sys.stdin.read()  # stay alive until the parent closes our stdin
 
 
+def _echo_round(s: socket.socket, payload: bytes) -> int:
+    """Send `payload` on a TCP socket and read back its echo; returns the bytes received."""
+    s.sendall(payload)
+    need = len(payload)
+    while need:
+        chunk = s.recv(need)
+        if not chunk:
+            raise SystemExit("server closed early")
+        need -= len(chunk)
+    return len(payload)
+
+
 def role_echo_server(args: argparse.Namespace) -> None:
     fam = _family(args.bind)
     if args.proto == "udp":
@@ -195,14 +207,7 @@ def role_client(args: argparse.Namespace) -> None:
         got = 0
         for _ in range(args.rounds):
             time.sleep(args.pause)
-            s.sendall(payload)
-            need = len(payload)
-            while need:
-                chunk = s.recv(need)
-                if not chunk:
-                    raise SystemExit("server closed early")
-                need -= len(chunk)
-                got += len(chunk)
+            got += _echo_round(s, payload)
         s.close()
     else:
         s = socket.socket(fam, socket.SOCK_DGRAM)
@@ -340,14 +345,7 @@ def role_holder(args: argparse.Namespace) -> None:
             s.settimeout(5)
             for _ in range(int(rest[0])):
                 if s.type == socket.SOCK_STREAM:
-                    s.sendall(payload)
-                    need = len(payload)
-                    while need:
-                        chunk = s.recv(need)
-                        if not chunk:
-                            raise SystemExit("server closed early")
-                        need -= len(chunk)
-                        got += len(chunk)
+                    got += _echo_round(s, payload)
                 else:
                     s.sendto(payload, dest)
                     got += len(s.recv(65535))

@@ -29,14 +29,27 @@ TCP_CLOSE_WAIT = 8
 TCP_ACCEPTABLE = (TCP_ESTABLISHED, TCP_SYN_RECV, TCP_CLOSE_WAIT)
 
 
+def family_zero(addr: bytes) -> bytes:
+    """The unspecified address of `addr`'s family (a lookup with it finds listening sockets)."""
+    return bytes(len(addr))
+
+
 class Unowned(Exception):
-    """No process holds the socket and none ever will: retrying is pointless."""
+    """No process holds the socket and none ever will: retrying is pointless.
+
+    `listener` is the owner of a socket listening on the flow's local port, if any: an
+    accepted connection closed before its lookup most likely belonged to that process."""
+
+    def __init__(self, listener: ProcessFacts | None = None):
+        super().__init__()
+        self.listener = listener
 
 
 @dataclass
 class Answer:
     key: FlowKey
     facts: ProcessFacts | None  # None: gave up, the flow stays unidentified
+    via_listener: bool = False  # facts are the listening socket's owner, not the socket's
 
 
 class Resolver:
@@ -47,6 +60,7 @@ class Resolver:
         self._retries: list[tuple[float, int, FlowKey, int]] = []  # (due, attempt, key, ifindex)
         self.resolved = 0
         self.gave_up = 0
+        self.by_listener = 0  # closed accepted connections given to the listening socket's owner
         self.errors = 0
 
     @property
@@ -70,26 +84,35 @@ class Resolver:
         entry = self.sockdiag.lookup(proto, local, lport, remote, rport, ifindex)
         if entry is None or entry.inode == 0:
             if entry is not None and proto == TCP and entry.state not in TCP_ACCEPTABLE:
-                raise Unowned
+                raise Unowned(self._listener_owner(family_zero(local), local, lport, ifindex))
             return None
         if proto == TCP and entry.state == TCP_LISTEN and not last:
             return None
         pid = self.index.owner(entry.inode, entry.uid)
         return process_facts(pid) if pid is not None else None
 
+    def _listener_owner(self, zero: bytes, local: bytes, lport: int, ifindex: int) -> ProcessFacts | None:
+        entry = self.sockdiag.lookup(TCP, local, lport, zero, 0, ifindex)
+        if entry is None or entry.state != TCP_LISTEN or entry.inode == 0:
+            return None
+        pid = self.index.owner(entry.inode, entry.uid)
+        return process_facts(pid) if pid is not None else None
+
     def _try(self, n: int, key: FlowKey, ifindex: int, now: float, answers: list[Answer]) -> None:
         last = n == len(RETRY_DELAYS) - 1
+        via_listener = False
         try:
             facts = self.attempt(key, ifindex, last)
-        except Unowned:  # e.g. late FIN/ACK of an exited owner: settle now, not after every retry
-            facts, last = None, True
+        except Unowned as e:  # e.g. late FIN/ACK of an exited owner: settle now, not after every retry
+            facts, last, via_listener = e.listener, True, e.listener is not None
         except Exception:
             self.errors += 1
             facts = None
         if facts is not None or last:
             self.resolved += facts is not None
             self.gave_up += facts is None
-            answers.append(Answer(key, facts))
+            self.by_listener += via_listener
+            answers.append(Answer(key, facts, via_listener))
         else:
             heapq.heappush(self._retries, (now + RETRY_DELAYS[n + 1], n + 1, key, ifindex))
 

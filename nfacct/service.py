@@ -361,6 +361,7 @@ class Service:
                 "in_flight": self.resolver.in_flight,
                 "resolved": self.resolver.resolved,
                 "gave_up": self.resolver.gave_up,
+                "by_listener": self.resolver.by_listener,
                 "errors": self.resolver.errors,
                 "sock_diag_requests": self.sockdiag.requests,
                 "proc_scans": self.resolver.index.scans,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
+from scapy.layers.inet import IP, UDP
 
 from nfacct import control
 from nfacct.lab import Counters, Lab
+from nfacct.procs import ProcessFacts
 from nfacct.rules import Rules
 from nfacct.tables import COUNTER_NAMES
 
@@ -40,6 +43,28 @@ def count_port(counters, proto: str, port: int) -> None:
     """Kernel counters for a local port: `snd` leaves from it, `rcv` arrives at it."""
     counters.add(f"{proto}{port}-snd", "out", f"meta l4proto {proto} th sport {port}")
     counters.add(f"{proto}{port}-rcv", "in", f"meta l4proto {proto} th dport {port}")
+
+
+def exited_rows(db: str) -> dict[int, dict]:
+    """exited_tasks by pid, read straight from the file (empty before the daemon created it)."""
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["pid"]: dict(r) for r in conn.execute("SELECT * FROM exited_tasks")}
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.close()
+
+
+def udp_out(sport: int) -> tuple[bytes, tuple]:
+    """An outgoing 100-byte UDP datagram from port `sport`, and its flow key."""
+    pkt = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=53) / (b"q" * 72))
+    return pkt, (17, bytes([10, 0, 0, 1]), sport, bytes([10, 0, 0, 2]), 53)
+
+
+def facts(pid: int) -> ProcessFacts:
+    return ProcessFacts(pid, 1000.0 + pid, f"p{pid}", f"p{pid}", 0, "")
 
 
 class Daemon:

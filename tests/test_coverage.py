@@ -36,6 +36,17 @@ def received(daemon: Daemon, pid: int, expected: int, within: float = 5.0) -> in
         time.sleep(0.1)
 
 
+def ours_once_settled(daemon: Daemon, pid: int, expected: dict[str, int], within: float = 5.0) -> dict:
+    """nfacct's counters of `pid` (the keys of `expected`), once equal to `expected` or time is up."""
+    deadline = time.monotonic() + within
+    while True:
+        task = next((t for t in daemon.top() if t["pid"] == pid), {})
+        ours = {k: task.get(k) for k in expected}
+        if ours == expected or time.monotonic() > deadline:
+            return ours
+        time.sleep(0.1)
+
+
 def gaps(db: str) -> list[tuple[int, str]]:
     conn = sqlite3.connect(db)
     try:
@@ -176,12 +187,20 @@ def test_a_thousand_short_connections_are_all_attributed(lab, counters, daemon, 
     assert json.loads(client.stdout.readline())["flows"] == 1000
     read = counters.read()
     kernel_counts = {"tcpsndpacks": read[f"flows{first}-snd"][0], "tcprcvpacks": read[f"flows{first}-rcv"][0]}
-    deadline = time.monotonic() + 5
-    while True:
-        task = next((t for t in daemon.top() if t["pid"] == client.pid), {})
-        ours = {k: task.get(k) for k in kernel_counts}
-        if ours == kernel_counts or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert ours == kernel_counts
+    assert ours_once_settled(daemon, client.pid, kernel_counts) == kernel_counts
     assert kernel_counts["tcpsndpacks"] >= 5000
+
+
+def test_short_connections_to_a_local_server_count_for_the_server(lab, counters, daemon, port, procs):
+    """The server accepts, echoes and closes within a millisecond; a connection closed before
+    its lookup counts for the process owning the listening socket."""
+    p = port()
+    count_port(counters, "tcp", p)
+    server = lab.role(lab.acct, "echo-server", "--port", str(p))
+    procs.append(server)
+    assert json.loads(server.stdout.readline())["ready"]
+    flows = ["flows", "--connect", ACCT_V4, "--port", str(p), "--count", "1000"]
+    assert json.loads(lab.run(lab.peer, ["python3", "-m", "nfacct.lab", *flows]).stdout)["flows"] == 1000
+    expected = kernel(counters, "tcp", p)
+    assert ours_once_settled(daemon, server.pid, expected) == expected
+    assert expected["tcprcvpacks"] >= 5000

@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import json
 
-from scapy.layers.inet import IP, UDP
+from conftest import facts, udp_out
 
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL, RULES_RESET, Coverage
 from nfacct.engine import Engine
-from nfacct.procs import ProcessFacts
 from nfacct.resolver import Answer
 from nfacct.tables import PENDING_HORIZON, GcConfig, SockInfo, Tables
-
-
-def udp_out(sport: int) -> tuple[bytes, tuple]:
-    pkt = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=53) / (b"q" * 72))
-    return pkt, (17, bytes([10, 0, 0, 1]), sport, bytes([10, 0, 0, 2]), 53)
-
-
-def facts(pid: int) -> ProcessFacts:
-    return ProcessFacts(pid, 1000.0 + pid, f"p{pid}", f"p{pid}", 0, "")
 
 
 def test_coverage_records_what_the_counter_saw_and_the_engine_did_not():

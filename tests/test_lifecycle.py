@@ -6,26 +6,14 @@ Exited processes must land in SQLite with totals equal to the kernel's nft count
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import time
 
 import pytest
-from conftest import Daemon, count_port, kernel
+from conftest import Daemon, count_port, exited_rows, kernel
 
 from nfacct.lab import PEER_V4
 from nfacct.tables import COUNTER_NAMES
-
-
-def exited_rows(db: str) -> dict[int, dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["pid"]: dict(r) for r in conn.execute("SELECT * FROM exited_tasks")}
-    except sqlite3.OperationalError:
-        return {}
-    finally:
-        conn.close()
 
 
 @pytest.fixture

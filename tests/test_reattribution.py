@@ -12,35 +12,19 @@ import ctypes
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 
 import pytest
-from conftest import Daemon
-from scapy.layers.inet import IP, UDP
+from conftest import Daemon, count_port, exited_rows, facts, kernel, udp_out
 
 from nfacct.engine import Engine
 from nfacct.lab import PEER_V4
-from nfacct.procs import ProcessFacts
 from nfacct.resolver import Answer
 from nfacct.tables import COUNTER_NAMES, SockInfo
 
 QUIET = 0.5  # lets delayed ACKs leave before a phase's counters are read
 PR_SET_CHILD_SUBREAPER = 36
-
-
-def count_port(counters, proto: str, port: int) -> None:
-    counters.add(f"{proto}{port}-snd", "out", f"meta l4proto {proto} th sport {port}")
-    counters.add(f"{proto}{port}-rcv", "in", f"meta l4proto {proto} th dport {port}")
-
-
-def kernel(counters, proto: str, port: int) -> dict[str, int]:
-    read = counters.read()
-    view = dict.fromkeys(COUNTER_NAMES, 0)
-    view[f"{proto}sndpacks"], view[f"{proto}sndbytes"] = read[f"{proto}{port}-snd"]
-    view[f"{proto}rcvpacks"], view[f"{proto}rcvbytes"] = read[f"{proto}{port}-rcv"]
-    return view
 
 
 def minus(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -51,17 +35,6 @@ def phase(counters, proto: str, port: int) -> dict[str, int]:
     """The kernel's count so far, once the traffic of the phase has settled."""
     time.sleep(QUIET if proto == "tcp" else 0.1)
     return kernel(counters, proto, port)
-
-
-def exited_rows(db: str) -> dict[int, dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["pid"]: dict(r) for r in conn.execute("SELECT * FROM exited_tasks")}
-    except sqlite3.OperationalError:
-        return {}
-    finally:
-        conn.close()
 
 
 def live_counts(daemon: Daemon) -> dict[int, dict[str, int]]:
@@ -360,16 +333,6 @@ def test_late_packets_of_a_socket_nobody_holds_go_to_its_exited_owner_at_once(
 
 
 # ---- the same transitions in-process, for the orders the kernel tests cannot force ------------
-
-
-def udp_out(sport: int) -> tuple[bytes, tuple]:
-    """An outgoing 100-byte UDP datagram from port `sport`, and its flow key."""
-    pkt = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=53) / (b"q" * 72))
-    return pkt, (17, bytes([10, 0, 0, 1]), sport, bytes([10, 0, 0, 2]), 53)
-
-
-def facts(pid: int) -> ProcessFacts:
-    return ProcessFacts(pid, 1000.0 + pid, f"p{pid}", f"p{pid}", 0, "")
 
 
 def test_engine_counts_a_recheck_for_whoever_it_finds_and_loses_nothing():
