@@ -70,6 +70,11 @@ def iptables_commands(tool: str, queue: int) -> list[list[str]]:
     return cmds
 
 
+def takeover_pair(queue: int) -> tuple[int, int]:
+    """The two queues a daemon configured for `queue` uses in turn, one per takeover."""
+    return (queue, queue + 1) if queue < 65535 else (queue, queue - 1)
+
+
 def ipt_queue_target(queue: int) -> list[str]:
     return ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
 

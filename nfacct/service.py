@@ -24,7 +24,7 @@ from .packet import TCP
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
 from .resolver import Resolver
-from .rules import Rules, RulesError
+from .rules import Rules, RulesError, takeover_pair
 from .sockdiag import ALL_STATES, DestroyEvents, SockDiag, SockDiagError
 from .store import DEFAULT_DB, Store
 from .tables import COUNTER_NAMES, GcConfig, TaskInfo
@@ -106,9 +106,8 @@ class Service:
         except RulesError as e:
             self.rules_problem = str(e)
         if cfg.takeover:
-            predecessor = self._predecessor_queue()
-            number = cfg.queue + 1 if predecessor == cfg.queue else cfg.queue
-            number = number if number <= 65535 else cfg.queue - 1
+            first, second = takeover_pair(cfg.queue)
+            number = second if self._predecessor_queue() == first else first
         else:
             self._listen()  # refuses at once if another daemon answers here
             number = cfg.queue
@@ -174,8 +173,7 @@ class Service:
 
     @property
     def _other_queues(self) -> tuple[int, ...]:
-        n, base = self.queue.number, self.config.queue
-        return tuple({base, base + 1, base - 1} - {n})
+        return tuple(set(takeover_pair(self.config.queue)) - {self.queue.number})
 
     def _close_listener(self) -> None:
         self._listener.close()
