@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from .packet import ICMP, ICMPV6, TCP, UDP, Malformed, parse
 from .resolver import Answer
-from .tables import FlowKey, GcConfig, SockInfo, Tables, counter_base
+from .tables import GcConfig, SockInfo, Tables, counter_base
 
 PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 FRAGMENT_MEMORY = 4096  # first fragments remembered, to attribute the fragments that follow
@@ -33,10 +33,7 @@ class Engine:
         self.unattributed_fragments = 0
         self._fragments: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
 
-    def account(
-        self, data: bytes, outgoing: bool, ifindex: int = 0, now: float | None = None
-    ) -> FlowKey | None:
-        """Count one packet; returns the flow's key if it is new (its owner is being looked up)."""
+    def account(self, data: bytes, outgoing: bool, ifindex: int = 0, now: float | None = None) -> None:
         self.packets += 1
         p = parse(data)
         if type(p) is Malformed:
@@ -82,7 +79,7 @@ class Engine:
             c = si.counters
             c[slot] += 1
             c[slot + 1] += p.length
-            return key
+            return None
         si.last_seen = now
         if si.state == SockInfo.ORPHANED:
             si.state = SockInfo.RECHECK

@@ -20,7 +20,7 @@ from . import control
 from .coverage import NOT_COUNTING, Coverage
 from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
-from .packet import TCP
+from .packet import is_tcp_syn
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
 from .resolver import Resolver
@@ -218,20 +218,20 @@ class Service:
     # ---- per packet ---------------------------------------------------------------------------
 
     def _on_packet(self, pkt: Packet) -> None:
-        try:
-            outgoing = pkt.hook == HOOK_LOCAL_OUT
-            new = self.engine.account(pkt.get_payload(), outgoing, pkt.outdev if outgoing else pkt.indev)
-        except Exception:
-            self.engine.errors += 1
-            new = None
-        if new is not None and outgoing and new[0] == TCP and len(self._held) < self._hold_max:
-            # The first packet of a new outgoing connection (its SYN, as a rule) waits for the
-            # first lookup, right after this batch: connect() cannot return before it leaves,
-            # so the process still holds the socket when we look. A connection that lives
-            # less than a millisecond would otherwise be gone, unidentified.
+        data = pkt.get_payload()
+        outgoing = pkt.hook == HOOK_LOCAL_OUT
+        # The verdict goes first, with one exception: a connection's first packet (SYN) out of
+        # here waits for the first owner lookup, right after this batch. connect() cannot
+        # return before the SYN leaves, so the process still holds its socket when we look; a
+        # connection that lives a millisecond would otherwise be gone, unidentified.
+        if outgoing and len(self._held) < self._hold_max and is_tcp_syn(data):
             self._held.append(pkt)
         else:
             pkt.accept()
+        try:
+            self.engine.account(data, outgoing, pkt.outdev if outgoing else pkt.indev)
+        except Exception:
+            self.engine.errors += 1
 
     def _release_held(self) -> None:
         held, self._held = self._held, []
