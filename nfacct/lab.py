@@ -24,6 +24,7 @@ from collections.abc import Sequence
 ACCT_V4, PEER_V4 = "10.77.0.1", "10.77.0.2"
 ACCT_V6, PEER_V6 = "fd77::1", "fd77::2"
 _serial = itertools.count()
+SO_RCVBUFFORCE = 33  # Linux; Python's socket module does not name it
 
 
 def _ip(*args: str) -> None:
@@ -226,8 +227,8 @@ def role_sink(args: argparse.Namespace) -> None:
     """A UDP server that only receives: netatop could never attribute this one."""
     s = socket.socket(_family(args.bind), socket.SOCK_DGRAM)
     s.bind((args.bind, args.port))
-    if args.rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
+    if args.rcvbuf:  # FORCE: beyond net.core.rmem_max (we run as root)
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, args.rcvbuf)
     s.settimeout(args.idle)  # a test waiting for a datagram that never comes fails, not hangs
     print(json.dumps({"ready": True}), flush=True)
     got = 0

@@ -198,6 +198,7 @@ class Service:
                 row["cgroup"] or "",
                 [row[c] for c in COUNTER_NAMES],
             )
+            task.checkpointed = list(task.counters)
             if is_alive(task.pid, task.btime):
                 self.engine.tables.restore(task)
             else:
@@ -307,7 +308,10 @@ class Service:
                 log.warning("%d packets passed unaccounted: %s", gap.packets, gap.reason)
                 gaps.append(gap.as_dict())
             state[self.config.coverage_key] = self.coverage.state(self.engine.packets)
-        self.store.checkpoint([t.row() for t in self.engine.tables.running.values()], gaps, state)
+        changed = [t for t in self.engine.tables.running.values() if t.checkpointed != t.counters]
+        self.store.checkpoint([t.row() for t in changed], gaps, state)
+        for t in changed:
+            t.checkpointed = list(t.counters)
 
     # ---- control ------------------------------------------------------------------------------
 

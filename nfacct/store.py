@@ -22,6 +22,8 @@ DEFAULT_DB = "/var/lib/nfacct/nfacct.db"
 
 _facts = {"pid": int, "btime": float, "command": str, "cmdline": str, "uid": int, "cgroup": str}
 _counters = dict.fromkeys(COUNTER_NAMES, int)
+EXITED_COLUMNS = (*_facts, "exit_time", *COUNTER_NAMES)
+LIVE_COLUMNS = (*_facts, "checkpoint_time", *COUNTER_NAMES)
 BY_COLUMNS = {"command": "command", "uid": "uid", "cgroup": "cgroup", "pid": "pid"}
 
 
@@ -79,28 +81,40 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def _upsert(self, table: str, columns: tuple[str, ...], rows: list[dict]) -> None:
+        # Hand-written: sqlite-utils' upsert_all measured 250 ms for 1,000 rows, this 8 ms, and
+        # the daemon writes from its packet loop.
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns[2:])
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT (pid, btime) DO UPDATE SET {updates}"
+        )
+        self.db.conn.executemany(sql, [tuple(r.get(c) for c in columns) for r in rows])
+
     def save_exited(self, rows: list[dict]) -> None:
         """Record (or update, if late packets came) exited processes; they leave the checkpoint."""
         if not rows:
             return
         with self.db.conn:
-            self.db["exited_tasks"].upsert_all(rows, pk=("pid", "btime"))
-            for r in rows:
-                self.db.execute("DELETE FROM live_tasks WHERE pid = ? AND btime = ?", (r["pid"], r["btime"]))
+            self._upsert("exited_tasks", EXITED_COLUMNS, rows)
+            self.db.conn.executemany(
+                "DELETE FROM live_tasks WHERE pid = ? AND btime = ?", [(r["pid"], r["btime"]) for r in rows]
+            )
         self.writes += 1
 
     def checkpoint(
-        self, rows: list[dict], gaps: list[dict] = (), state: dict[str, str] | None = None
+        self, changed: list[dict], gaps: list[dict] = (), state: dict[str, str] | None = None
     ) -> None:
-        """Replace the checkpoint of live processes with `rows`; record `gaps` and `state` with it.
+        """Update the checkpoint of live processes with the rows that `changed` since the last
+        one (exited processes leave it through `save_exited`); record `gaps` and `state` with it.
 
         One transaction, so the settled counter in `state` always matches the totals beside it.
         """
         now = time.time()
         with self.db.conn:
-            self.db.execute("DELETE FROM live_tasks")
-            if rows:
-                self.db["live_tasks"].insert_all([{**r, "checkpoint_time": now} for r in rows])
+            self.db.execute("UPDATE live_tasks SET checkpoint_time = ?", (now,))  # all still ran
+            if changed:
+                self._upsert("live_tasks", LIVE_COLUMNS, [{**r, "checkpoint_time": now} for r in changed])
             if gaps:
                 self.db["unaccounted"].insert_all(gaps)
             if state:

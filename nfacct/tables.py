@@ -65,6 +65,7 @@ class TaskInfo:
     counters: list[int] = field(default_factory=new_counters)
     exit_time: float | None = None
     saved: list[int] | None = None  # counters as last written to exited_tasks
+    checkpointed: list[int] | None = None  # counters as last written to live_tasks
     socks: set = field(default_factory=set)  # keys of the sockinfos counting for us
 
     def as_dict(self) -> dict:

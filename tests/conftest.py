@@ -101,6 +101,8 @@ class Daemon:
                 return
             except control.ControlError:
                 time.sleep(0.05)
+        self.proc.kill()
+        self.proc.wait()
         raise RuntimeError("daemon did not come up")
 
     def cli(self, *args: str) -> str:
@@ -154,6 +156,17 @@ def daemon(lab, rules, tmp_path_factory):
 def port():
     """A function returning a fresh port number per call."""
     return free_port
+
+
+@pytest.fixture
+def daemons():
+    """Daemons a test starts (append them); any still running is stopped at teardown."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        d.proc.wait()
 
 
 @pytest.fixture

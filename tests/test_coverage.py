@@ -55,10 +55,11 @@ def gaps(db: str) -> list[tuple[int, str]]:
         conn.close()
 
 
-def test_a_full_queue_is_recorded_as_unaccounted(lab, counters, tmp_path, port, procs):
+def test_a_full_queue_is_recorded_as_unaccounted(lab, counters, tmp_path, port, procs, daemons):
     p = port()
     count_port(counters, "udp", p)
     daemon = Daemon(lab.acct, tmp_path, "--queue-maxlen", "32", "--checkpoint-interval", "0.5")
+    daemons.append(daemon)
     sink = lab.role(lab.acct, "sink", "--port", str(p), "--count", "200", "--hold")
     procs.append(sink)
     try:
@@ -81,10 +82,13 @@ def test_a_full_queue_is_recorded_as_unaccounted(lab, counters, tmp_path, port, 
         assert daemon.stop() == 0
 
 
-def test_a_killed_daemon_loses_at_most_a_checkpoint_and_says_how_much(lab, counters, tmp_path, port, procs):
+def test_a_killed_daemon_loses_at_most_a_checkpoint_and_says_how_much(
+    lab, counters, tmp_path, port, procs, daemons
+):
     p = port()
     count_port(counters, "udp", p)
     daemon = Daemon(lab.acct, tmp_path, "--checkpoint-interval", "0.5")
+    daemons.append(daemon)
     sink = lab.role(lab.acct, "sink", "--port", str(p), "--count", "120", "--hold")
     procs.append(sink)
     assert json.loads(sink.stdout.readline())["ready"]
@@ -100,6 +104,7 @@ def test_a_killed_daemon_loses_at_most_a_checkpoint_and_says_how_much(lab, count
     conn.close()
     send(lab, p, 30)  # nobody bound: bypass
     daemon = Daemon(lab.acct, tmp_path, "--checkpoint-interval", "0.5", db=daemon.db)
+    daemons.append(daemon)
     try:
         send(lab, p, 30)
         assert json.loads(sink.stdout.readline())["received"] == 120 * 200
@@ -121,37 +126,53 @@ def wait_until_answering(daemon: Daemon, predecessor: Daemon) -> None:
     raise AssertionError("the successor does not answer")
 
 
-def test_takeover_in_the_middle_of_traffic_loses_nothing(lab, counters, tmp_path, port, procs):
+def test_takeover_in_the_middle_of_traffic_loses_nothing(lab, counters, tmp_path, port, procs, daemons):
     """Two takeovers while UDP flows in both directions and a TCP client exchanges: all exact."""
     sink_port, out_port, echo_port, tcp_sport = port(), port(), port(), port()
     count_port(counters, "udp", sink_port)
     count_port(counters, "tcp", tcp_sport)
     counters.add("out-snd", "out", f"udp dport {out_port}")
     daemon = Daemon(lab.acct, tmp_path)
-    peer_sink = lab.role(lab.peer, "sink", "--port", str(out_port), "--count", "3000")
-    echo = lab.role(lab.peer, "echo-server", "--port", str(echo_port))
-    sink = lab.role(lab.acct, "sink", "--port", str(sink_port), "--count", "3000", "--hold")
-    procs += [peer_sink, echo, sink]
-    for p in (peer_sink, echo, sink):
-        assert json.loads(p.stdout.readline())["ready"]
-    out = ["sender", "--connect", PEER_V4, "--port", str(out_port), "--count", "3000", "--rate", "1000"]
-    inbound = ["sender", "--connect", ACCT_V4, "--port", str(sink_port), "--count", "3000", "--rate", "1000"]
-    tcp = ["client", "--connect", PEER_V4, "--port", str(echo_port), "--sport", str(tcp_sport)]
-    tcp += ["--rounds", "300", "--size", "2000", "--pause", "0.01", "--hold"]
-    sender_out, sender_in, client = (
-        lab.role(lab.acct, *out),
-        lab.role(lab.peer, *inbound),
-        lab.role(lab.acct, *tcp),
-    )
-    procs += [sender_out, sender_in, client]
+    daemons.append(daemon)
     try:
+        peer_sink = lab.role(lab.peer, "sink", "--port", str(out_port), "--count", "3000")
+        echo = lab.role(lab.peer, "echo-server", "--port", str(echo_port))
+        # A takeover holds packets for a few hundred ms, then releases them at once: a big buffer.
+        sink = lab.role(
+            lab.acct, "sink", "--port", str(sink_port), "--count", "3000", "--rcvbuf", "8000000", "--hold"
+        )
+        procs += [peer_sink, echo, sink]
+        for p in (peer_sink, echo, sink):
+            assert json.loads(p.stdout.readline())["ready"]
+        out = ["sender", "--connect", PEER_V4, "--port", str(out_port), "--count", "3000", "--rate", "1000"]
+        inbound = [
+            "sender",
+            "--connect",
+            ACCT_V4,
+            "--port",
+            str(sink_port),
+            "--count",
+            "3000",
+            "--rate",
+            "1000",
+        ]
+        tcp = ["client", "--connect", PEER_V4, "--port", str(echo_port), "--sport", str(tcp_sport)]
+        tcp += ["--rounds", "300", "--size", "2000", "--pause", "0.01", "--hold"]
+        sender_out, sender_in, client = (
+            lab.role(lab.acct, *out),
+            lab.role(lab.peer, *inbound),
+            lab.role(lab.acct, *tcp),
+        )
+        procs += [sender_out, sender_in, client]
         for _ in range(2):
             time.sleep(0.8)
             successor = Daemon(lab.acct, tmp_path, "--takeover", db=daemon.db)
+            daemons.append(successor)
             wait_until_answering(successor, daemon)
             daemon = successor
         got = json.loads(sink.stdout.readline())["received"]
-        assert got == 3000 * 200
+        udp = lab.run(lab.acct, ["grep", "Udp:", "/proc/net/snmp"]).stdout  # RcvbufErrors: the sink's fault
+        assert got == 3000 * 200, udp
         assert json.loads(client.stdout.readline())["received"] == 300 * 2000
         assert sender_out.wait(timeout=10) == 0
         time.sleep(0.5)
