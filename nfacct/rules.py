@@ -303,9 +303,16 @@ class Rules:
 
     def drop_queues_except(self, queue: int) -> None:
         """Delete the queue rules that send to any queue but `queue`."""
+        self._drop_queues(lambda num: num != queue)
+
+    def drop_queue(self, queue: int) -> None:
+        """Delete the queue rules that send to `queue` (undoes `add_queue`)."""
+        self._drop_queues(lambda num: num == queue)
+
+    def _drop_queues(self, doomed) -> None:
         script = ""
         for family, chain, handle, num in self.queue_rules():
-            if num == queue:
+            if not doomed(num):
                 continue
             if handle is None:
                 tool = {v: k for k, v in IPT_FAMILIES.items()}[family]

@@ -69,9 +69,13 @@ class Service:
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self._successor = None  # the connection of a daemon taking over from us
         self._closers: list = []
+        self._undo_rules = None  # a failed start takes back the queue rule it put in front
         try:
             self._open()
         except BaseException:
+            if self._undo_rules is not None:
+                with contextlib.suppress(RulesError):
+                    self._undo_rules()
             self.close()
             raise
 
@@ -118,6 +122,7 @@ class Service:
         if queues - {number}:
             # Our queue rule goes in front; the old ones stay until nothing they queued waits.
             self.rules.add_queue(number)
+            self._undo_rules = lambda: self.rules.drop_queue(number)
             log.info("queue rules now send to queue %d (were %s)", number, sorted(queues))
         handed = None
         if cfg.takeover:
@@ -125,6 +130,7 @@ class Service:
             self._listen()
         if queues - {number}:
             self.rules.drop_queues_except(number)
+            self._undo_rules = None
         self._restore(counter_at_start, handed)
 
     def _listen(self) -> None:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 
 from conftest import Daemon, count_port, kernel
@@ -18,6 +22,7 @@ from conftest import Daemon, count_port, kernel
 from nfacct import control
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL
 from nfacct.lab import ACCT_V4, PEER_V4
+from nfacct.rules import Rules
 
 
 def send(lab, port: int, count: int, rate: float = 0) -> None:
@@ -225,3 +230,42 @@ def test_short_connections_to_a_local_server_count_for_the_server(lab, counters,
     expected = kernel(counters, "tcp", p)
     assert ours_once_settled(daemon, server.pid, expected) == expected
     assert expected["tcprcvpacks"] >= 5000
+
+
+def test_a_failed_takeover_gives_the_queue_back(lab, counters, tmp_path, port, procs, daemons):
+    """A successor whose handover is refused takes its queue rule back: the running daemon
+    keeps counting, exactly."""
+    p = port()
+    count_port(counters, "udp", p)
+    daemon = Daemon(lab.acct, tmp_path)
+    daemons.append(daemon)
+    impostor_path = str(tmp_path / "impostor.sock")
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    impostor.bind(impostor_path)
+    impostor.listen(4)
+
+    def answer_badly() -> None:  # answers ping, refuses the handover
+        for _ in range(2):
+            conn, _ = impostor.accept()
+            with conn:
+                cmd = json.loads(conn.makefile().readline())["cmd"]
+                reply = {"ok": True} if cmd == "ping" else {"error": "handover refused"}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    threading.Thread(target=answer_badly, daemon=True).start()
+    sink = lab.role(lab.acct, "sink", "--port", str(p), "--count", "40", "--hold")
+    procs.append(sink)
+    try:
+        assert json.loads(sink.stdout.readline())["ready"]
+        send(lab, p, 20)
+        run = [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--takeover"]
+        failed = subprocess.run(
+            [*run, "--control", impostor_path, "--db", str(tmp_path / "b.db")], capture_output=True, text=True
+        )
+        assert failed.returncode == 1 and "handover refused" in failed.stderr
+        assert {q for *_where, q in Rules(lab.acct).queue_rules()} == {0}
+        send(lab, p, 20)
+        assert received(daemon, sink.pid, 40) == kernel(counters, "udp", p)["udprcvpacks"] == 40
+    finally:
+        impostor.close()
+        assert daemon.stop() == 0
