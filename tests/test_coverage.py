@@ -232,13 +232,11 @@ def test_short_connections_to_a_local_server_count_for_the_server(lab, counters,
     assert expected["tcprcvpacks"] >= 5000
 
 
-def test_a_failed_takeover_gives_the_queue_back(lab, counters, tmp_path, port, procs, daemons):
+def test_a_failed_takeover_gives_the_queue_back(lab, counters, daemon, tmp_path, port, procs):
     """A successor whose handover is refused takes its queue rule back: the running daemon
     keeps counting, exactly."""
     p = port()
     count_port(counters, "udp", p)
-    daemon = Daemon(lab.acct, tmp_path)
-    daemons.append(daemon)
     impostor_path = str(tmp_path / "impostor.sock")
     impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     impostor.bind(impostor_path)
@@ -268,4 +266,3 @@ def test_a_failed_takeover_gives_the_queue_back(lab, counters, tmp_path, port, p
         assert received(daemon, sink.pid, 40) == kernel(counters, "udp", p)["udprcvpacks"] == 40
     finally:
         impostor.close()
-        assert daemon.stop() == 0
