@@ -29,6 +29,7 @@ NFT_TABLE = "nfacct"
 IPT_CHAINS = (("OUTPUT", "NFACCT_OUT"), ("INPUT", "NFACCT_IN"))
 IPT_TOOLS = ("iptables-nft", "ip6tables-nft")
 IPT_FAMILIES = {"iptables-nft": "ip", "ip6tables-nft": "ip6"}
+IPT_TOOL_OF = {family: tool for tool, family in IPT_FAMILIES.items()}
 COUNT_COMMENT = "nfacct-queued"
 IPT_QUEUE_RULENUM = 3  # mark → RETURN, count, NFQUEUE (the first queue rule)
 
@@ -83,10 +84,6 @@ def _is_ours(rule: dict) -> bool:
     if rule["family"] == "inet":
         return rule["table"] == NFT_TABLE
     return rule["table"] == "filter" and rule["chain"] in {c for _b, c in IPT_CHAINS}
-
-
-def _is_queue_rule(rule: dict) -> bool:
-    return any("queue" in e or e.get("xt", {}).get("name") == "NFQUEUE" for e in rule["expr"])
 
 
 def _is_count_rule(rule: dict) -> bool:
@@ -216,18 +213,11 @@ class Rules:
             return
         self._run(["nft", "delete", "table", family, table])
 
-    def _queue_of(self, text: str) -> int | None:
-        for line in text.splitlines():
-            words = line.split()
-            if "queue" in words and "num" in words:
-                return int(words[words.index("num") + 1].split("-")[0])
-        return None
-
     def show(self) -> RulesState:
         supported = self.native_queue_supported()
         native = self._run(["nft", "list", "table", "inet", NFT_TABLE], check=False)
         if native.returncode == 0:
-            return RulesState("nft", self._queue_of(native.stdout), supported, native.stdout)
+            return RulesState("nft", self._first_queue(), supported, native.stdout)
         listings = []
         for tool in IPT_TOOLS:
             family = IPT_FAMILIES[tool]
@@ -237,7 +227,7 @@ class Rules:
                     listings.append(out.stdout)
         if listings:
             text = "".join(listings)
-            return RulesState("iptables-nft", self._queue_of(text), supported, text)
+            return RulesState("iptables-nft", self._first_queue(), supported, text)
         return RulesState("none", None, supported, "")
 
     def _our_rules(self) -> list[dict]:
@@ -255,6 +245,10 @@ class Rules:
             if "counter" in e
         ]
         return sum(counts) if counts else None
+
+    def _first_queue(self) -> int | None:
+        rules = self.queue_rules()
+        return rules[0][-1] if rules else None
 
     def queue_rules(self) -> list[tuple[str, str, int | None, int]]:
         """(family, chain, handle, queue) of every queue rule, in chain order. iptables-nft's
@@ -295,8 +289,9 @@ class Rules:
             if num == queue:
                 continue
             if handle is None:
-                tool = {v: k for k, v in IPT_FAMILIES.items()}[family]
-                self._run([tool, "-w", "-I", chain, str(IPT_QUEUE_RULENUM), *ipt_queue_target(queue)])
+                self._run(
+                    [IPT_TOOL_OF[family], "-w", "-I", chain, str(IPT_QUEUE_RULENUM), *ipt_queue_target(queue)]
+                )
             else:
                 script += f"insert rule inet {NFT_TABLE} {chain} position {handle} queue num {queue} bypass\n"
         self._nft_script(script)
@@ -315,16 +310,10 @@ class Rules:
             if not doomed(num):
                 continue
             if handle is None:
-                tool = {v: k for k, v in IPT_FAMILIES.items()}[family]
-                self._run([tool, "-w", "-D", chain, *ipt_queue_target(num)])
+                self._run([IPT_TOOL_OF[family], "-w", "-D", chain, *ipt_queue_target(num)])
             else:
                 script += f"delete rule inet {NFT_TABLE} {chain} handle {handle}\n"
         self._nft_script(script)
-
-    def switch_queue(self, queue: int) -> None:
-        """Point the rules at `queue`. Only safe while nobody reads the old queue (see add_queue)."""
-        self.add_queue(queue)
-        self.drop_queues_except(queue)
 
     def _nft_script(self, script: str) -> None:
         if script:  # one transaction

@@ -160,17 +160,19 @@ def test_counting_rule_equals_the_kernels_count_of_queued_traffic(fresh_lab):
     assert rules.queued_packets() is None
 
 
-def test_switch_queue_moves_the_queue_and_keeps_the_count(fresh_lab):
+def test_moving_the_queue_keeps_the_count(fresh_lab):
     rules = Rules(fresh_lab.acct)
     rules.install(queue=4)
     fresh_lab.run(fresh_lab.acct, ["ping", "-c", "2", "-i", "0.05", "-q", PEER_V4])
     counted = rules.queued_packets()
     assert counted >= 4
-    rules.switch_queue(5)
+    rules.add_queue(5)
+    assert [q for *_where, q in rules.queue_rules()] == [5, 4] * 4  # in front, the old one behind
+    rules.drop_queues_except(5)
     assert rules.show().queue == 5
     text = ruleset(fresh_lab)
     assert "queue num 5" in text and "queue num 4" not in text
     assert rules.queued_packets() >= counted
     rules.remove()
     with pytest.raises(RulesError, match="no nfacct rules"):
-        rules.switch_queue(4)
+        rules.add_queue(4)
