@@ -22,7 +22,8 @@ from nfacct.tables import COUNTER_NAMES
 if os.geteuid() != 0:
     pytest.exit("nfacct's tests need root: they create network namespaces and queue rules", returncode=1)
 
-_ports = itertools.count(41000)
+# Below the ephemeral range (32768-60999 by default), so no client's local port ever takes one.
+_ports = itertools.count(20000)
 
 
 def free_port() -> int:
