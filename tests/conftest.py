@@ -14,7 +14,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 
 from nfacct import control
-from nfacct.lab import Counters, Lab
+from nfacct.lab import ACCT_V4, Counters, Lab
 from nfacct.procs import ProcessFacts
 from nfacct.rules import Rules
 from nfacct.tables import COUNTER_NAMES
@@ -44,6 +44,12 @@ def count_port(counters, proto: str, port: int) -> None:
     """Kernel counters for a local port: `snd` leaves from it, `rcv` arrives at it."""
     counters.add(f"{proto}{port}-snd", "out", f"meta l4proto {proto} th sport {port}")
     counters.add(f"{proto}{port}-rcv", "in", f"meta l4proto {proto} th dport {port}")
+
+
+def send(lab, port: int, count: int, rate: float = 0) -> None:
+    """`count` UDP datagrams from the peer namespace to the accounted host's `port`."""
+    argv = ["python3", "-m", "nfacct.lab", "sender", "--connect", ACCT_V4, "--port", str(port)]
+    lab.run(lab.peer, [*argv, "--count", str(count), "--rate", str(rate)])
 
 
 def exited_rows(db: str) -> dict[int, dict]:

@@ -17,18 +17,12 @@ import sys
 import threading
 import time
 
-from conftest import Daemon, count_port, kernel
+from conftest import Daemon, count_port, kernel, send
 
 from nfacct import control
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL
 from nfacct.lab import ACCT_V4, PEER_V4
 from nfacct.rules import Rules
-
-
-def send(lab, port: int, count: int, rate: float = 0) -> None:
-    """`count` UDP datagrams from the peer namespace to the accounted host's `port`."""
-    argv = ["python3", "-m", "nfacct.lab", "sender", "--connect", ACCT_V4, "--port", str(port)]
-    lab.run(lab.peer, [*argv, "--count", str(count), "--rate", str(rate)])
 
 
 def received(daemon: Daemon, pid: int, expected: int, within: float = 5.0) -> int:

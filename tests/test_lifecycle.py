@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Daemon, count_port, exited_rows, kernel
+from conftest import Daemon, count_port, exited_rows, kernel, send
 
 from nfacct.lab import PEER_V4
 from nfacct.tables import COUNTER_NAMES
@@ -107,39 +107,11 @@ def test_restart_continues_counts_and_loses_nothing(lab, counters, tmp_path, por
     sink = lab.role(lab.acct, "sink", "--port", str(sink_port), "--count", "60", "--hold")
     try:
         assert json.loads(sink.stdout.readline())["ready"]
-        lab.run(
-            lab.peer,
-            [
-                "python3",
-                "-m",
-                "nfacct.lab",
-                "sender",
-                "--connect",
-                "10.77.0.1",
-                "--port",
-                str(sink_port),
-                "--count",
-                "30",
-            ],
-        )
+        send(lab, sink_port, 30)
         time.sleep(0.5)
         assert daemon.stop() == 0  # SIGTERM: everything is flushed
         daemon = Daemon(lab.acct, tmp_path, db=daemon.db)
-        lab.run(
-            lab.peer,
-            [
-                "python3",
-                "-m",
-                "nfacct.lab",
-                "sender",
-                "--connect",
-                "10.77.0.1",
-                "--port",
-                str(sink_port),
-                "--count",
-                "30",
-            ],
-        )
+        send(lab, sink_port, 30)
         assert json.loads(sink.stdout.readline())["received"] == 60 * 200
         deadline = time.monotonic() + 5
         while True:
