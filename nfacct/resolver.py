@@ -17,7 +17,7 @@ import heapq
 import time
 from dataclasses import dataclass
 
-from .packet import TCP
+from .packet import TCP, UDP
 from .procs import ProcessFacts, SocketIndex, process_facts
 from .sockdiag import TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, SockDiag
 from .tables import FlowKey
@@ -82,6 +82,10 @@ class Resolver:
         """One try at finding the process that owns flow `key`."""
         proto, local, lport, remote, rport = key
         entry = self.sockdiag.lookup(proto, local, lport, remote, rport, ifindex)
+        if entry is None and proto == UDP:
+            # No socket receives on this port: the sender's socket is closed (a datagram it sent
+            # just before exiting), or nobody ever listened. Asking again changes nothing.
+            raise Unowned
         if entry is None or entry.inode == 0:
             if entry is not None and proto == TCP and entry.state not in TCP_ACCEPTABLE:
                 raise Unowned(self._listener_owner(family_zero(local), local, lport, ifindex))
