@@ -38,13 +38,13 @@ class Engine:
         p = parse(data)
         if type(p) is Malformed:
             self.malformed[p.reason] = self.malformed.get(p.reason, 0) + 1
-            return None
+            return
         proto = p.proto
         stats = self.by_proto["out" if outgoing else "in"][PROTO_NAMES.get(proto, "other")]
         stats[0] += 1
         stats[1] += p.length
         if proto != TCP and proto != UDP:
-            return None
+            return
         sport, dport = p.sport, p.dport
         if p.frag_id >= 0:
             frag_key = (p.src, p.dst, p.frag_id, proto)
@@ -56,7 +56,7 @@ class Engine:
                 ports = self._fragments.get(frag_key)
                 if ports is None:
                     self.unattributed_fragments += 1
-                    return None
+                    return
                 sport, dport = ports
         if outgoing:
             key = (proto, p.src, sport, p.dst, dport)
@@ -73,21 +73,17 @@ class Engine:
                 c = tables.unidentified
                 c[slot] += 1
                 c[slot + 1] += p.length
-                return None
+                return
             si = tables.add_sock(key, now)
             self.submit(key, ifindex)
-            c = si.counters
-            c[slot] += 1
-            c[slot + 1] += p.length
-            return None
-        si.last_seen = now
-        if si.state == SockInfo.ORPHANED:
-            si.state = SockInfo.RECHECK
-            self.submit(key, ifindex)
+        else:
+            si.last_seen = now
+            if si.state == SockInfo.ORPHANED:
+                si.state = SockInfo.RECHECK
+                self.submit(key, ifindex)
         c = si.counters
         c[slot] += 1
         c[slot + 1] += p.length
-        return None
 
     def apply_answers(self, answers: list[Answer]) -> None:
         tables = self.tables
