@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 
 from netfilterqueue import Packet
 
-from . import control
+from . import claim, control
+from .claim import Claim, ClaimError
 from .coverage import NOT_COUNTING, Coverage
 from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
+from .faults import Faults
+from .files import remove_dirs
 from .packet import is_tcp_syn
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
@@ -32,6 +35,7 @@ from .tables import COUNTER_NAMES, GcConfig, TaskInfo
 log = logging.getLogger("nfacct")
 
 PERSIST_TICK = 0.25
+MAX_WAIT = 1.0  # the loop looks at its timers at least this often, whatever they are set to
 HOLD_MAX = 4096  # first packets held for their lookup at most; beyond, they pass at once
 
 
@@ -67,32 +71,35 @@ class Service:
         self._handing_over = False
         self._held: list[Packet] = []  # first packets of new outgoing TCP flows (see _on_packet)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
-        self._successor = None  # the connection of a daemon taking over from us
-        self._closers: list = []
-        self._undo_rules = None  # a failed start takes back the queue rule it put in front
+        self.faults = Faults()
+        self._pending_gaps: list[dict] = []  # unaccounted gaps whose write failed; retried
+        self._resources = contextlib.ExitStack()  # closed in reverse order by close()
+        self._undo = contextlib.ExitStack()  # what only a failed start takes back
+        self._sel = selectors.DefaultSelector()
+        self._resources.callback(self._sel.close)
         try:
             self._open()
         except BaseException:
-            if self._undo_rules is not None:
-                with contextlib.suppress(RulesError):
-                    self._undo_rules()
             self.close()
+            self._undo.close()
             raise
+        self._undo.pop_all()
 
     def _open(self) -> None:
         cfg = self.config
+        control.check_path(cfg.control_path)
+        if not cfg.takeover:
+            self._claim()  # refuses at once if another daemon accounts the namespace
         self.sockdiag = SockDiag(cfg.netns)
-        self._closers.append(self.sockdiag.close)
+        self._resources.callback(self.sockdiag.close)
         self.resolver = Resolver(self.sockdiag)
         self.engine = Engine(submit=self.resolver.submit, config=cfg.gc)
-        self.store = Store(cfg.db_path)
-        self._closers.append(self.store.close)
         self.events: ProcConnector | None = None
         self.events_mode = "polling /proc (disabled by --no-proc-connector)"
         if cfg.proc_connector:
             try:
                 self.events = ProcConnector()
-                self._closers.append(self.events.close)
+                self._resources.callback(self.events.close)
                 self.events_mode = "proc connector"
             except EventsUnavailable as e:
                 self.events_mode = f"polling /proc ({e})"
@@ -100,7 +107,7 @@ class Service:
         self.destroy: DestroyEvents | None = None
         try:
             self.destroy = DestroyEvents(cfg.netns)
-            self._closers.append(self.destroy.close)
+            self._resources.callback(self.destroy.close)
             self.destroy_mode = "sock_diag destroy events"
         except SockDiagError as e:
             self.destroy_mode = f"socket dump each GC cycle ({e})"
@@ -117,30 +124,59 @@ class Service:
             number = cfg.queue
         counter_at_start = self._queued()  # before bind: packets from here on are ours or a gap
         self.queue = Queue(number, self._on_packet, cfg.netns, maxlen=cfg.queue_maxlen)
-        self._closers.append(self.queue.close)
+        self._resources.callback(self.queue.close)
         queues = {q for *_where, q in self.rules.queue_rules()} if self.rules is not None else set()
-        if queues - {number}:
-            # Our queue rule goes in front; the old ones stay until nothing they queued waits.
-            self.rules.add_queue(number)
-            self._undo_rules = lambda: self.rules.drop_queue(number)
-            log.info("queue rules now send to queue %d (were %s)", number, sorted(queues))
         handed = None
-        if cfg.takeover:
-            handed = self._handover()
-            self._listen()
-        if queues - {number}:
-            self.rules.drop_queues_except(number)
-            self._undo_rules = None
+        with contextlib.ExitStack() as move:  # a failed move takes its queue rule back
+            if queues - {number}:
+                # Our queue rule goes in front; the old ones stay until nothing they queued waits.
+                self.rules.add_queue(number)
+                move.callback(self._drop_queue_quietly, number)
+                log.info("queue rules now send to queue %d (were %s)", number, sorted(queues))
+            if cfg.takeover:
+                handed = self._handover()
+                self._claim(wait=5.0)  # the predecessor lets go as it exits
+                self._listen()
+            if queues - {number}:
+                self.rules.drop_queues_except(number)
+            move.pop_all()
+        self.store = self._open_store()
         self._restore(counter_at_start, handed)
 
+    def _drop_queue_quietly(self, number: int) -> None:
+        with contextlib.suppress(RulesError):
+            self.rules.drop_queue(number)
+
+    def _claim(self, wait: float = 0.0) -> None:
+        try:
+            held = Claim(self.config.netns, self.config.control_path, wait=wait)
+        except ClaimError as e:
+            raise ServiceError(str(e)) from None
+        self._resources.callback(held.release)
+        self._undo.callback(remove_dirs, held.created_dirs)
+
+    def _open_store(self) -> Store:
+        store = Store(self.config.db_path)
+        self._undo.callback(lambda: store.discard())  # a failed start leaves no empty database behind
+        self._resources.callback(store.close)
+        return store
+
     def _listen(self) -> None:
-        self._listener = control.listen(self.config.control_path)
-        self._closers.append(self._close_listener)
+        self.control = control.Server(self.config.control_path, self.handle, self._sel, self.faults)
+        self._resources.callback(self.control.close)
+        self._undo.callback(remove_dirs, self.control.created_dirs)
 
     def _predecessor_queue(self) -> int:
         """The queue the running daemon reads (where the rules point), checked before anything changes."""
         cfg = self.config
         control.request(cfg.control_path, "ping")  # ControlError names the path if nobody answers
+        held = claim.holder(cfg.netns)
+        if held is None or held.get("control") != os.path.abspath(cfg.control_path):
+            accounted = f"accounted by pid {held['pid']} at {held['control']}" if held else "not accounted"
+            raise ServiceError(
+                f"--takeover replaces the daemon of {cfg.netns or 'this namespace'}, but the namespace is"
+                f" {accounted}, not by the daemon at {cfg.control_path}"
+            )
         queues = self.rules.queue_rules() if self.rules is not None else []
         if not queues:
             raise ServiceError(f"--takeover needs the nfacct rules installed ({self.rules_problem})")
@@ -180,11 +216,6 @@ class Service:
     @property
     def _other_queues(self) -> tuple[int, ...]:
         return tuple(set(takeover_pair(self.config.queue)) - {self.queue.number})
-
-    def _close_listener(self) -> None:
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.control_path)
 
     def _restore(self, counter_at_start: int | None, handed: dict | None = None) -> None:
         """Continue the counts of a predecessor: its tables if it handed them over, else its
@@ -237,8 +268,9 @@ class Service:
             pkt.accept()
         try:
             self.engine.account(data, outgoing, pkt.outdev if outgoing else pkt.indev)
-        except Exception:
+        except Exception as e:  # a bug must cost one packet's attribution, never the verdicts
             self.engine.errors += 1
+            self.faults.record("engine", e)
 
     def _release_held(self) -> None:
         held, self._held = self._held, []
@@ -305,17 +337,18 @@ class Service:
     def checkpoint(self, reason: str | None = None) -> None:
         """Write live totals, exited processes still in their grace, and what went unaccounted."""
         self.persist_exited(grace=0.0)  # late packets rewrite them later; a crash must not lose them
-        gaps, state = [], {}
+        state = {}
         counter = self._queued() if self.coverage is not None else None
         if counter is not None:
             extra = {"reason": reason} if reason else {}
             gap = self.coverage.update(counter, self.engine.packets, self._waiting(), time.time(), **extra)
             if gap is not None:
                 log.warning("%d packets passed unaccounted: %s", gap.packets, gap.reason)
-                gaps.append(gap.as_dict())
+                self._pending_gaps.append(gap.as_dict())
             state[self.config.coverage_key] = self.coverage.state(self.engine.packets)
         changed = [t for t in self.engine.tables.running.values() if t.checkpointed != t.counters]
-        self.store.checkpoint([t.row() for t in changed], gaps, state)
+        self.store.checkpoint([t.row() for t in changed], self._pending_gaps, state)
+        self._pending_gaps = []
         for t in changed:
             t.checkpointed = list(t.counters)
 
@@ -360,6 +393,8 @@ class Service:
         cfg = self.config
         return {
             "pid": os.getpid(),
+            "faults": self.faults.status(),
+            "control": self.control.status(),
             "netns": cfg.netns,
             "uptime": time.time() - self.started,
             "engine": self.engine.status(),
@@ -392,17 +427,17 @@ class Service:
 
     def run(self) -> None:
         cfg = self.config
-        sel = selectors.DefaultSelector()
+        sel = self._sel
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w)
         old_handlers = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        sel.register(self.queue.fileno(), selectors.EVENT_READ, "queue")
-        sel.register(self._listener, selectors.EVENT_READ, "control")
-        sel.register(wake_r, selectors.EVENT_READ, "signal")
+        # Each key's data is what to call when it is ready; the control server adds its clients.
+        sel.register(self.queue.fileno(), selectors.EVENT_READ, lambda _m: self.queue.dispatch())
+        sel.register(wake_r, selectors.EVENT_READ, lambda _m: os.read(wake_r, 512))
         if self.events:
-            sel.register(self.events, selectors.EVENT_READ, "procs")
+            sel.register(self.events, selectors.EVENT_READ, lambda _m: self._on_proc_events())
         if self.destroy:
-            sel.register(self.destroy, selectors.EVENT_READ, "destroy")
+            sel.register(self.destroy, selectors.EVENT_READ, lambda _m: self._on_destroy_events())
         now = time.monotonic()
         due = {
             "persist": now + PERSIST_TICK,
@@ -416,42 +451,36 @@ class Service:
         try:
             while self._running:
                 now = time.monotonic()
-                wait = min(due.values()) - now
+                wait = min(MAX_WAIT, min(due.values()) - now)
                 resolver_due = self.resolver.next_due()
                 if resolver_due is not None:
                     wait = min(wait, resolver_due)
-                for key, _ in sel.select(timeout=max(0.0, wait)):
-                    if key.data == "queue":
-                        self.queue.dispatch()
-                    elif key.data == "procs":
-                        self._on_proc_events()
-                    elif key.data == "destroy":
-                        self._on_destroy_events()
-                    elif key.data == "control":
-                        waiting = control.serve_one(self._listener, self.handle)
-                        if waiting is not None:
-                            self._successor = waiting
-                    else:
-                        os.read(wake_r, 512)
+                if self.control.busy:
+                    wait = 0.0
+                for key, mask in sel.select(timeout=max(0.0, wait)):
+                    key.data(mask)
                 # After the batch: find the owners of the flows it brought while they still exist.
                 try:
                     self.engine.apply_answers(self.resolver.work())
                 finally:
                     self._release_held()
+                self.control.work()  # one command per turn: the queue is served between them
                 self._timers(due)
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
             self.checkpoint()
-            if self._successor is not None:
+            if self.control.held:
                 tables = self.engine.tables.export()
-                control.answer(self._successor, {"ok": True, "pid": os.getpid(), "tables": tables})
-                self._successor = None
+                for conn in self.control.held:
+                    control.answer(conn, {"ok": True, "pid": os.getpid(), "tables": tables})
+                self.control.held = []
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-            sel.close()
+            for fd in (self.queue.fileno(), wake_r):
+                sel.unregister(fd)
             os.close(wake_r)
             os.close(wake_w)
             self.close()
@@ -485,21 +514,23 @@ class Service:
     def _timers(self, due: dict[str, float]) -> None:
         cfg = self.config
         now = time.monotonic()
-        if now >= due["persist"]:
-            self.persist_exited()
-            due["persist"] = now + PERSIST_TICK
-        if "poll" in due and now >= due["poll"]:
-            self._poll_liveness()
-            due["poll"] = now + cfg.poll_interval
-        if now >= due["gc"]:
-            if self.destroy is None:
-                self._dump_closed()
-            self.engine.tables.gc(now)
-            due["gc"] = now + cfg.gc.cycle
-        if now >= due["checkpoint"]:
-            self.checkpoint()
-            due["checkpoint"] = now + cfg.checkpoint_interval
+        for job, period, work in (
+            ("persist", PERSIST_TICK, self.persist_exited),
+            ("poll", cfg.poll_interval, self._poll_liveness),
+            ("gc", cfg.gc.cycle, self._gc),
+            ("checkpoint", cfg.checkpoint_interval, self.checkpoint),
+        ):
+            if job in due and now >= due[job]:
+                due[job] = now + period
+                try:
+                    work()
+                except Exception as e:  # a full disk or a bug: retried next time, counted, logged once
+                    self.faults.record(job, e)
+
+    def _gc(self) -> None:
+        if self.destroy is None:
+            self._dump_closed()
+        self.engine.tables.gc()
 
     def close(self) -> None:
-        while self._closers:
-            self._closers.pop()()
+        self._resources.close()

@@ -19,9 +19,10 @@ import time
 
 from conftest import Daemon, count_port, kernel, send
 
-from nfacct import control
+from nfacct import claim, control
+from nfacct.claim import Claim
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL
-from nfacct.lab import ACCT_V4, PEER_V4
+from nfacct.lab import ACCT_V4, PEER_V4, Counters, Lab
 from nfacct.rules import Rules
 
 
@@ -227,37 +228,52 @@ def test_short_connections_to_a_local_server_count_for_the_server(lab, counters,
     assert expected["tcprcvpacks"] >= 5000
 
 
-def test_a_failed_takeover_gives_the_queue_back(lab, counters, daemon, tmp_path, port, procs):
-    """A successor whose handover is refused takes its queue rule back: the running daemon
-    keeps counting, exactly."""
+def test_a_failed_takeover_gives_the_queue_back(tmp_path, port, procs):
+    """A successor whose handover is refused takes its queue rule back and lets go of
+    everything it took. The predecessor here is an impostor that holds the namespace's claim,
+    answers ping and refuses the handover, in a lab of its own (the module's daemon holds the
+    claim of the shared lab)."""
     p = port()
-    count_port(counters, "udp", p)
     impostor_path = str(tmp_path / "impostor.sock")
-    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    impostor.bind(impostor_path)
-    impostor.listen(4)
+    with Lab("nfto") as lab:
+        rules = Rules(lab.acct)
+        rules.install()
+        counters = Counters(lab, lab.acct)
+        count_port(counters, "udp", p)
+        held = Claim(lab.acct, impostor_path)
+        impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        impostor.bind(impostor_path)
+        impostor.listen(4)
 
-    def answer_badly() -> None:  # answers ping, refuses the handover
-        for _ in range(2):
-            conn, _ = impostor.accept()
-            with conn:
-                cmd = json.loads(conn.makefile().readline())["cmd"]
-                reply = {"ok": True} if cmd == "ping" else {"error": "handover refused"}
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+        def answer_badly() -> None:  # answers ping, refuses the handover
+            for _ in range(2):
+                conn, _ = impostor.accept()
+                with conn:
+                    cmd = json.loads(conn.makefile().readline())["cmd"]
+                    reply = {"ok": True} if cmd == "ping" else {"error": "handover refused"}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
 
-    threading.Thread(target=answer_badly, daemon=True).start()
-    sink = lab.role(lab.acct, "sink", "--port", str(p), "--count", "40", "--hold")
-    procs.append(sink)
-    try:
-        assert json.loads(sink.stdout.readline())["ready"]
-        send(lab, p, 20)
-        run = [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--takeover"]
-        failed = subprocess.run(
-            [*run, "--control", impostor_path, "--db", str(tmp_path / "b.db")], capture_output=True, text=True
-        )
-        assert failed.returncode == 1 and "handover refused" in failed.stderr
-        assert {q for *_where, q in Rules(lab.acct).queue_rules()} == {0}
-        send(lab, p, 20)
-        assert received(daemon, sink.pid, 40) == kernel(counters, "udp", p)["udprcvpacks"] == 40
-    finally:
-        impostor.close()
+        threading.Thread(target=answer_badly, daemon=True).start()
+        sink = lab.role(lab.acct, "sink", "--port", str(p), "--count", "40", "--hold")
+        procs.append(sink)
+        try:
+            assert json.loads(sink.stdout.readline())["ready"]
+            run = [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--takeover"]
+            failed = subprocess.run(
+                [*run, "--control", impostor_path, "--db", str(tmp_path / "b" / "b.db")],
+                capture_output=True,
+                text=True,
+            )
+            assert failed.returncode == 1 and "handover refused" in failed.stderr
+            assert {q for *_where, q in rules.queue_rules()} == {0}
+            assert claim.holder(lab.acct)["pid"] == os.getpid(), "the claim stays with the predecessor"
+            assert not os.path.exists(tmp_path / "b"), "a failed start leaves no database behind"
+            queues = lab.run(lab.acct, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+            assert queues == "", f"the successor left a queue bound: {queues}"
+            send(lab, p, 40)  # no daemon bound: bypass lets everything through
+            assert json.loads(sink.stdout.readline())["received"] == 40 * 200
+            assert counters.read()[f"udp{p}-rcv"][0] == 40
+        finally:
+            impostor.close()
+            held.release()
+            rules.remove()
