@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
-import os
+import math
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 
-from . import __version__, control
+from . import __version__, control, text
 from .control import ControlError
 from .netns import NetnsError
 from .queue import QUEUE_MAXLEN, QueueError
@@ -22,48 +24,78 @@ from .tables import COUNTER_NAMES, GcConfig
 EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
 
 
-def queue_number(text: str) -> int:
+def queue_number(value: str) -> int:
     try:
-        n = int(text)
+        n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"queue number must be an integer, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"queue number must be an integer, not {value!r}") from None
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"queue number {n} is out of range 0-65535")
     return n
 
 
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
-    return value
+DAY = 86_400.0
+YEAR = 365 * DAY
+MAX_QUEUE_MAXLEN = 1 << 20
+MAX_SOCKINFO = 10_000_000  # about 1 KiB each (docs/lifecycle.md): 10 GiB
+MAX_TASKINFO = 4_194_304  # the kernel's PID_MAX_LIMIT: more processes never run at once
 
 
-def positive_int(text: str) -> int:
+def seconds(most: float) -> Callable[[str], float]:
+    """A parser of a number of seconds above 0 and at most `most` (NaN and infinity refused)."""
+
+    def parse(value: str) -> float:
+        try:
+            n = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, not {value!r}") from None
+        if not math.isfinite(n):
+            raise argparse.ArgumentTypeError(f"expected a finite number of seconds, not {value!r}")
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {value!r}")
+        if n > most:
+            raise argparse.ArgumentTypeError(f"{value} seconds is more than the limit of {most:,.0f}")
+        return n
+
+    return parse
+
+
+def count(most: int) -> Callable[[str], int]:
+    """A parser of an integer from 1 to `most`."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, not {value!r}") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}")
+        if n > most:
+            raise argparse.ArgumentTypeError(f"{value} is more than the limit of {most:,}")
+        return n
+
+    return parse
+
+
+def control_path(value: str) -> str:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return value
+        return control.check_path(value)
+    except ControlError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def when(text: str) -> float:
+def when(value: str) -> float:
     """A moment: a duration ago (90s, 30m, 1h, 2d, 1w) or an ISO date/time (local time)."""
-    if text and text[-1] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(text[:-1]) * _UNITS[text[-1]]
+    if value and value[-1] in _UNITS and value[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(value[:-1]) * _UNITS[value[-1]]
     try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
+        return datetime.fromisoformat(value).timestamp()
+    except (ValueError, OverflowError, OSError):  # year 0, or beyond what the C library takes
         raise argparse.ArgumentTypeError(
-            f"expected a duration like 1h or a date like 2026-11-23T10:00, not {text!r}"
+            f"expected a duration like 1h or a date like 2026-11-23T10:00, not {value!r}"
         ) from None
 
 
@@ -90,35 +122,55 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the accounting service in the foreground")
     run.add_argument("--netns", metavar="NS", help="account this named network namespace")
     run.add_argument("--queue", type=queue_number, default=DEFAULT_QUEUE, metavar="N")
-    run.add_argument("--control", default=control.DEFAULT_CONTROL, metavar="PATH")
+    run.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
     run.add_argument(
         "--db", default=DEFAULT_DB, metavar="PATH", help=f"SQLite database (default {DEFAULT_DB})"
     )
     gc = GcConfig()
-    for flag, attr, help_text in (
-        ("--gc-cycle", "cycle", "garbage collector period"),
-        ("--tcp-idle", "tcp_idle", "drop idle TCP sockinfo after"),
-        ("--udp-idle", "udp_idle", "drop idle UDP sockinfo (local port > 1024) after"),
-        ("--unreferenced-idle", "unreferenced_idle", "drop sockinfo without a live owner after"),
-        ("--closed-idle", "closed_idle", "drop sockinfo of a destroyed socket after"),
+    for flag, attr, most, help_text in (
+        ("--gc-cycle", "cycle", DAY, "garbage collector period"),
+        ("--tcp-idle", "tcp_idle", YEAR, "drop idle TCP sockinfo after"),
+        ("--udp-idle", "udp_idle", YEAR, "drop idle UDP sockinfo (local port > 1024) after"),
+        ("--unreferenced-idle", "unreferenced_idle", YEAR, "drop sockinfo without a live owner after"),
+        ("--closed-idle", "closed_idle", YEAR, "drop sockinfo of a destroyed socket after"),
     ):
         run.add_argument(
             flag,
-            type=positive_seconds,
+            type=seconds(most),
             default=getattr(gc, attr),
             metavar="SECONDS",
-            help=f"{help_text} (default {getattr(gc, attr):g})",
+            help=f"{help_text} (default {getattr(gc, attr):g}, at most {most:,.0f})",
         )
-    run.add_argument("--max-sockinfo", type=positive_int, default=gc.max_sockinfo, metavar="N")
-    run.add_argument("--max-taskinfo", type=positive_int, default=gc.max_taskinfo, metavar="N")
-    run.add_argument("--checkpoint-interval", type=positive_seconds, default=10.0, metavar="SECONDS")
+    run.add_argument(
+        "--max-sockinfo",
+        type=count(MAX_SOCKINFO),
+        default=gc.max_sockinfo,
+        metavar="N",
+        help=f"flows tracked at most, about 1 KiB each (default {gc.max_sockinfo:,}, "
+        f"at most {MAX_SOCKINFO:,})",
+    )
+    run.add_argument(
+        "--max-taskinfo",
+        type=count(MAX_TASKINFO),
+        default=gc.max_taskinfo,
+        metavar="N",
+        help=f"processes tracked at most (default {gc.max_taskinfo:,}, at most {MAX_TASKINFO:,})",
+    )
+    run.add_argument(
+        "--checkpoint-interval",
+        type=seconds(DAY),
+        default=10.0,
+        metavar="SECONDS",
+        help="how often live counts are written; a SIGKILL loses at most this much (default 10)",
+    )
     run.add_argument(
         "--queue-maxlen",
-        type=positive_int,
+        type=count(MAX_QUEUE_MAXLEN),
         default=QUEUE_MAXLEN,
         metavar="N",
         help="packets the kernel holds for the daemon before fail-open lets them pass unaccounted; "
-        f"also how many a stopped daemon can stall (default {QUEUE_MAXLEN})",
+        f"also how many a stopped daemon can stall (default {QUEUE_MAXLEN}, at most {MAX_QUEUE_MAXLEN:,}: "
+        "each queued packet pins a buffer of up to 64 KiB with GSO, 64 GiB at the limit)",
     )
     run.add_argument(
         "--no-hold",
@@ -148,13 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
 
     top = sub.add_parser("top", help="live per-process counters")
-    top.add_argument("--control", default=control.DEFAULT_CONTROL, metavar="PATH")
+    top.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
     top.add_argument("--json", action="store_true")
     top.add_argument("--once", action="store_true", help="print once and exit")
-    top.add_argument("--interval", type=float, default=2.0, metavar="SECONDS")
+    top.add_argument("--interval", type=seconds(DAY), default=2.0, metavar="SECONDS")
 
     status = sub.add_parser("status", help="engine and kernel queue counters")
-    status.add_argument("--control", default=control.DEFAULT_CONTROL, metavar="PATH")
+    status.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
     status.add_argument("--json", action="store_true")
     return p
 
@@ -215,23 +267,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from . import display
 
-    if not os.path.exists(args.db):
-        raise StoreError(f"no database at {args.db} (nfacct run --db writes one)")
-    store = Store(args.db)
+    store = Store(args.db, readonly=True)
     try:
         rows = store.history(args.since, args.until, args.by)
         unaccounted = store.unaccounted(args.since, args.until)
     finally:
         store.close()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2))  # ASCII: undecodable bytes as \udcXX (see nfacct.text)
     elif args.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=[args.by, "processes", *COUNTER_NAMES])
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(rows, [args.by, "processes", *COUNTER_NAMES])
     else:
         display.print_history(rows, args.by, unaccounted)
     return 0
+
+
+def write_csv(rows: list[dict], fields: list[str]) -> None:
+    """CSV of `rows`: the exact bytes of every name for a pipe or a file, escaped for a
+    terminal, which would otherwise act on a hostile command line's escape sequences."""
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    if sys.stdout.isatty():
+        rows = [{k: text.escape(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+        writer.writerows(rows)
+        sys.stdout.write(out.getvalue())
+    else:
+        writer.writerows(rows)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode(out.getvalue()))
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Human-readable output with rich. Process names come from other users and are hostile until
-escaped: they are shown as plain Text (never markup) with control characters made visible.
+escaped: they are shown as plain Text (never markup) with control characters and bytes that are
+not UTF-8 made visible (`text.escape`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import text
 from .tables import COUNTER_NAMES
 
 
-def safe(text: str) -> Text:
-    """Plain text with control characters shown as escapes, so a name cannot move the cursor."""
-    cleaned = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-    return Text(cleaned)
+def safe(name: str) -> Text:
+    """Plain text with control characters and undecodable bytes shown as escapes, so a name
+    cannot move the cursor or garble the terminal."""
+    return Text(text.escape(name))
 
 
 def human_bytes(n: float) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from . import text
+
 PROC = "/proc"
 
 
@@ -21,8 +23,9 @@ PROC = "/proc"
 class ProcessFacts:
     pid: int
     btime: float  # process start, epoch seconds (with the pid, identifies the process)
+    # Bytes any user chooses, kept exact as 'surrogateescape' str (see `text`).
     comm: str
-    cmdline: str
+    cmdline: str  # arguments joined by spaces
     uid: int
     cgroup: str  # cgroup v2 path ("" if unknown)
 
@@ -64,20 +67,33 @@ def process_facts(pid: int) -> ProcessFacts | None:
         with p.oneshot():
             btime = p.create_time()
             uid = p.uids().real
-            cmdline = " ".join(p.cmdline())
-        with open(f"{PROC}/{pid}/comm", "rb") as f:
-            comm = f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
+        comm = _read(pid, "comm").rstrip(b"\n")
         cgroup = read_cgroup(pid)
+        cmdline = _read(pid, "cmdline")
     except (psutil.Error, OSError):
         return None
-    return ProcessFacts(pid, btime, comm, cmdline, uid, cgroup)
+    # As psutil's cmdline() joined by spaces, but read as bytes: psutil decodes with the
+    # locale's encoding, so a daemon started under a Latin-1 locale would store other bytes.
+    return ProcessFacts(pid, btime, text.decode(comm), _joined(cmdline), uid, cgroup)
+
+
+def _read(pid: int, name: str) -> bytes:
+    with open(f"{PROC}/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
+def _joined(cmdline: bytes) -> str:
+    """/proc/PID/cmdline (NUL-terminated arguments) as one line, arguments separated by spaces."""
+    if cmdline.endswith(b"\0"):
+        cmdline = cmdline[:-1]
+    return text.decode(cmdline.replace(b"\0", b" "))
 
 
 def read_cgroup(pid: int) -> str:
-    with open(f"{PROC}/{pid}/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return line[3:].rstrip("\n")
+    """The process's cgroup v2 path; a user may name a cgroup with any bytes but a newline."""
+    for line in _read(pid, "cgroup").splitlines():
+        if line.startswith(b"0::"):
+            return text.decode(line[3:])
     return ""
 
 

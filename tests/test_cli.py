@@ -14,6 +14,8 @@ from rich.console import Console
 from nfacct.display import print_tasks
 from nfacct.tables import COUNTER_NAMES
 
+LONG_PATH = "/tmp/" + "s" * 103  # 108 bytes: one more than sockaddr_un holds with its NUL
+
 
 def nfacct(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nfacct", *args], capture_output=True, text=True)
@@ -43,6 +45,33 @@ def nfacct(*args: str) -> subprocess.CompletedProcess:
         (("rules", "install", "--bogus"), 2, "unrecognized arguments: --bogus"),
         (("run", "--queue-maxlen", "0"), 2, "argument --queue-maxlen: expected a positive integer, not '0'"),
         (("rules", "install", "--backend", "pf"), 2, "invalid choice: 'pf'"),
+        (
+            ("run", "--queue-maxlen", "99999999999"),
+            2,
+            "argument --queue-maxlen: 99999999999 is more than the limit of 1,048,576",
+        ),
+        (("run", "--control", LONG_PATH), 2, "argument --control: control socket path is 108 bytes"),
+        (("top", "--control", LONG_PATH), 2, "a UNIX socket path is at most 107"),
+        (("status", "--control", LONG_PATH + "x"), 2, "argument --control: control socket path is 109 bytes"),
+        *(
+            (("run", flag, value), 2, f"argument {flag}: expected a finite number of seconds, not '{value}'")
+            for flag in ("--gc-cycle", "--checkpoint-interval", "--udp-idle", "--tcp-idle", "--closed-idle")
+            for value in ("nan", "inf")
+        ),
+        (("run", "--unreferenced-idle=-inf"), 2, "argument --unreferenced-idle: expected a finite"),
+        (("run", "--gc-cycle", "0"), 2, "argument --gc-cycle: expected a positive number of seconds"),
+        (("run", "--gc-cycle", "86401"), 2, "argument --gc-cycle: 86401 seconds is more than the limit"),
+        (("run", "--checkpoint-interval", "1e6"), 2, "argument --checkpoint-interval: 1e6 seconds is more"),
+        (("run", "--tcp-idle", "31536001"), 2, "argument --tcp-idle: 31536001 seconds is more than the"),
+        (("run", "--udp-idle=-1"), 2, "argument --udp-idle: expected a positive number of seconds"),
+        (("top", "--interval", "nan"), 2, "argument --interval: expected a finite number of seconds"),
+        (("top", "--interval", "0"), 2, "argument --interval: expected a positive number of seconds"),
+        (("top", "--interval", "1e9"), 2, "argument --interval: 1e9 seconds is more than the limit of 86,"),
+        (("run", "--max-sockinfo", "0"), 2, "argument --max-sockinfo: expected a positive integer, not '0'"),
+        (("run", "--max-sockinfo", "1e9"), 2, "argument --max-sockinfo: expected an integer, not '1e9'"),
+        (("run", "--max-sockinfo", "10000001"), 2, "argument --max-sockinfo: 10000001 is more than the"),
+        (("run", "--max-taskinfo", "5000000"), 2, "argument --max-taskinfo: 5000000 is more than the"),
+        (("history", "--since", "0001-01-01"), 2, "argument --since: expected a duration like 1h"),
     ],
 )
 def test_bad_input_names_the_problem(args, code, message):
