@@ -16,6 +16,7 @@ from .tables import GcConfig, SockInfo, Tables, counter_base
 
 PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 FRAGMENT_MEMORY = 4096  # first fragments remembered, to attribute the fragments that follow
+_SETTLED = (SockInfo.RESOLVED, SockInfo.UNIDENTIFIED)  # no lookup in flight
 
 
 class Engine:
@@ -33,18 +34,20 @@ class Engine:
         self.unattributed_fragments = 0
         self._fragments: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
 
-    def account(self, data: bytes, outgoing: bool, ifindex: int = 0, now: float | None = None) -> None:
+    def account(self, data: bytes, outgoing: bool, ifindex: int = 0, now: float | None = None) -> bool:
+        """Count one packet; True when it made its flow's owner be looked up (a new flow, or a
+        flow whose socket may have changed hands)."""
         self.packets += 1
         p = parse(data)
         if type(p) is Malformed:
             self.malformed[p.reason] = self.malformed.get(p.reason, 0) + 1
-            return
+            return False
         proto = p.proto
         stats = self.by_proto["out" if outgoing else "in"][PROTO_NAMES.get(proto, "other")]
         stats[0] += 1
         stats[1] += p.length
         if proto != TCP and proto != UDP:
-            return
+            return False
         sport, dport = p.sport, p.dport
         if p.frag_id >= 0:
             frag_key = (p.src, p.dst, p.frag_id, proto)
@@ -56,7 +59,7 @@ class Engine:
                 ports = self._fragments.get(frag_key)
                 if ports is None:
                     self.unattributed_fragments += 1
-                    return
+                    return False
                 sport, dport = ports
         if outgoing:
             key = (proto, p.src, sport, p.dst, dport)
@@ -73,17 +76,23 @@ class Engine:
                 c = tables.unidentified
                 c[slot] += 1
                 c[slot + 1] += p.length
-                return
+                return False
             si = tables.add_sock(key, now)
             self.submit(key, ifindex)
+            asked = True
         else:
             si.last_seen = now
-            if si.state == SockInfo.ORPHANED:
-                si.state = SockInfo.RECHECK
+            asked = si.state == SockInfo.ORPHANED or (si.closed and si.state in _SETTLED)
+            if asked:
+                # The owner exited, or the kernel freed the socket, yet the flow goes on: its
+                # socket lives on elsewhere, or a new socket took the port. Ask again; until the
+                # answer, count apart (late packets of the old socket go back to its owner).
+                si.recheck()
                 self.submit(key, ifindex)
         c = si.counters
         c[slot] += 1
         c[slot + 1] += p.length
+        return asked
 
     def apply_answers(self, answers: list[Answer]) -> None:
         tables = self.tables
@@ -99,6 +108,7 @@ class Engine:
                 si.give_up(tables.unidentified)
             else:
                 si.resolve(task)
+                si.closed = False  # a live socket holds the flow (again)
 
     def status(self) -> dict:
         return {

@@ -242,6 +242,8 @@ def role_sink(args: argparse.Namespace) -> None:
 
 def role_sender(args: argparse.Namespace) -> None:
     s = socket.socket(_family(args.connect), socket.SOCK_DGRAM)
+    if args.sport:
+        s.bind(("", args.sport))
     start = time.monotonic()
     for i in range(args.count):
         if args.rate:  # paced: packet i leaves at start + i/rate
@@ -409,6 +411,7 @@ def roles(argv: list[str] | None = None) -> None:
     a = sub.add_parser("sender")
     a.add_argument("--connect", required=True)
     a.add_argument("--port", type=int, required=True)
+    a.add_argument("--sport", type=int, default=0)
     a.add_argument("--count", type=int, default=10)
     a.add_argument("--size", type=int, default=200)
     a.add_argument("--rate", type=float, default=0, help="packets per second (default: as fast as possible)")

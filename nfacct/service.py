@@ -23,7 +23,6 @@ from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
-from .packet import is_tcp_syn
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
 from .resolver import Resolver
@@ -52,7 +51,7 @@ class ServiceConfig:
     proc_connector: bool = True
     queue_maxlen: int = QUEUE_MAXLEN
     takeover: bool = False  # replace the daemon answering at control_path without a gap
-    hold_new_connections: bool = True  # first packet of a new outgoing TCP flow waits for its lookup
+    hold_new_connections: bool = True  # an outgoing packet that starts a lookup waits for it
 
     @property
     def coverage_key(self) -> str:
@@ -256,21 +255,23 @@ class Service:
     # ---- per packet ---------------------------------------------------------------------------
 
     def _on_packet(self, pkt: Packet) -> None:
-        data = pkt.get_payload()
         outgoing = pkt.hook == HOOK_LOCAL_OUT
-        # The verdict goes first, with one exception: a connection's first packet (SYN) out of
-        # here waits for the first owner lookup, right after this batch. connect() cannot
-        # return before the SYN leaves, so the process still holds its socket when we look; a
-        # connection that lives a millisecond would otherwise be gone, unidentified.
-        if outgoing and len(self._held) < self._hold_max and is_tcp_syn(data):
+        try:
+            asked = self.engine.account(pkt.get_payload(), outgoing, pkt.outdev if outgoing else pkt.indev)
+        except Exception as e:  # a bug must cost one packet's attribution, never its verdict
+            self.engine.errors += 1
+            self.faults.record("engine", e)
+            asked = False
+        # The verdict goes at once, with one exception: a packet out of here that made its flow's
+        # owner be looked up waits for that first lookup, right after this batch. Its sender
+        # still holds the socket then: connect() cannot return before the SYN leaves, and a UDP
+        # client waits for the answer that this packet brings. A socket that lives a millisecond
+        # (measured: a UDP client's five echo rounds and close(), all inside one batch) would
+        # otherwise be gone, and its traffic unidentified or charged to the port's last owner.
+        if asked and outgoing and len(self._held) < self._hold_max:
             self._held.append(pkt)
         else:
             pkt.accept()
-        try:
-            self.engine.account(data, outgoing, pkt.outdev if outgoing else pkt.indev)
-        except Exception as e:  # a bug must cost one packet's attribution, never the verdicts
-            self.engine.errors += 1
-            self.faults.record("engine", e)
 
     def _release_held(self) -> None:
         held, self._held = self._held, []

@@ -139,6 +139,13 @@ class SockInfo:
         """The owner exited: count on temporary counters until a re-check says for whom."""
         self.counters, self.state = new_counters(), SockInfo.ORPHANED
 
+    def recheck(self) -> None:
+        """A lookup is asked again: count on temporary counters until it answers. If it finds
+        nobody, they go back where they went before (`give_up`): the old owner, or unidentified."""
+        if self.state != SockInfo.ORPHANED:
+            self.counters = new_counters()
+        self.state = SockInfo.RECHECK if self.task is not None else SockInfo.PENDING
+
 
 class Tables:
     def __init__(self, config: GcConfig | None = None) -> None:
@@ -232,7 +239,7 @@ class Tables:
         for si in list(self.socks.values()):
             idle = now - si.last_seen
             proto, _local, lport = si.key[:3]
-            if si.state == SockInfo.PENDING and idle < PENDING_HORIZON:
+            if si.state in (SockInfo.PENDING, SockInfo.RECHECK) and idle < PENDING_HORIZON:
                 continue  # its lookup is still retrying; the answer would find nothing to apply to
             if (
                 (si.closed and idle >= cfg.closed_idle)
