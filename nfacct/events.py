@@ -54,19 +54,22 @@ def parse_events(buf: bytes) -> list[ProcEvent]:
     off = 0
     while off + _nlmsghdr.size <= len(buf):
         length = _nlmsghdr.unpack_from(buf, off)[0]
-        if length < _nlmsghdr.size:
+        end = off + length
+        # A message cut off by the end of the datagram is dropped, and each event is read only
+        # if its message holds it: struct.error out of here would stop the daemon's loop.
+        if length < _nlmsghdr.size or end > len(buf):
             break
         body = off + _nlmsghdr.size + _cn_msg.size
-        if body + _event_head.size <= off + length:
+        if body + _event_head.size <= end:
             what = _event_head.unpack_from(buf, body)[0]
             data = body + _event_head.size
-            if what == PROC_EVENT_EXIT:
+            if what == PROC_EVENT_EXIT and data + _two.size <= end:
                 pid, tgid = _two.unpack_from(buf, data)
                 events.append(ProcEvent("exit", pid, tgid))
-            elif what == PROC_EVENT_FORK:
+            elif what == PROC_EVENT_FORK and data + _four.size <= end:
                 _ppid, ptgid, pid, tgid = _four.unpack_from(buf, data)
                 events.append(ProcEvent("fork", pid, tgid, ptgid))
-            elif what == PROC_EVENT_EXEC:
+            elif what == PROC_EVENT_EXEC and data + _two.size <= end:
                 pid, tgid = _two.unpack_from(buf, data)
                 events.append(ProcEvent("exec", pid, tgid))
         off += (length + 3) & ~3

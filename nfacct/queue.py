@@ -60,9 +60,16 @@ class KernelQueueStats:
     id_sequence: int
 
     @classmethod
-    def parse(cls, line: str) -> KernelQueueStats:
-        fields = [int(x) for x in line.split()[:8]]
-        return cls(*fields)
+    def parse(cls, line: str) -> KernelQueueStats | None:
+        """None for a line that does not start with 8 integers (the kernel writes none; a
+        stray one must not stop the daemon, which reads this file on every status and exit)."""
+        fields = line.split()[:8]
+        if len(fields) < 8:
+            return None
+        try:
+            return cls(*map(int, fields))
+        except ValueError:
+            return None
 
 
 def config_message(queue: int, flags: int, mask: int, seq: int = _config_seq) -> bytes:
@@ -85,8 +92,13 @@ def strip_ack(buf: bytes, seq: int) -> tuple[bytes, int | None]:
         if length < _nlmsghdr.size:
             break
         if msg_type == NLMSG_ERROR and msg_seq == seq:
-            (err,) = struct.unpack_from("=i", buf, off + _nlmsghdr.size)
-            result = -err
+            # The kernel answers 0 or a negative errno above -4096. An answer too short to hold
+            # one (struct.error) or holding anything else (os.strerror() raises OverflowError on
+            # INT_MIN) is a malformed answer: EBADMSG, which _set_flags reports as a QueueError.
+            err = errno.EBADMSG
+            if length >= _nlmsghdr.size + 4 and off + _nlmsghdr.size + 4 <= len(buf):
+                (err,) = struct.unpack_from("=i", buf, off + _nlmsghdr.size)
+            result = -err if -4096 < err <= 0 else errno.EBADMSG
             buf = buf[:off] + buf[off + ((length + 3) & ~3) :]
             continue
         off += (length + 3) & ~3
@@ -166,7 +178,8 @@ class Queue:
     def all_kernel_stats(self) -> dict[int, KernelQueueStats]:
         """Every queue of our namespace, by number (a takeover's successor shows up here too)."""
         self._proc_stats.seek(0)
-        return {s.queue: s for s in map(KernelQueueStats.parse, self._proc_stats.read().splitlines())}
+        stats = map(KernelQueueStats.parse, self._proc_stats.read().splitlines())
+        return {s.queue: s for s in stats if s is not None}
 
     def kernel_stats(self) -> KernelQueueStats | None:
         return self.all_kernel_stats().get(self.number)

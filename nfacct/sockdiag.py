@@ -7,6 +7,7 @@ cannot be told apart from an answer. An exact lookup is one request and one repl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -78,7 +79,13 @@ def _encode_request(
 
 
 def decode_message(buf: bytes, off: int, length: int) -> SockEntry:
-    """Decode one inet_diag_msg (with attributes) starting at the payload offset `off`."""
+    """Decode one inet_diag_msg (with attributes) starting at the payload offset `off`.
+
+    Raises SockDiagError if the message is shorter than an inet_diag_msg or not all in `buf`.
+    """
+    if length < _MSG_SIZE or off + length > len(buf):
+        # The kernel never sends one, but a struct.error would escape the callers' handling.
+        raise SockDiagError("sock_diag: truncated message")
     family, state, _timer, _retrans = _msg.unpack_from(buf, off)
     sport, dport, src, dst = _sockid.unpack_from(buf, off + 4)
     uid, inode = struct.unpack_from("=II", buf, off + 64)
@@ -87,8 +94,8 @@ def decode_message(buf: bytes, off: int, length: int) -> SockEntry:
     pos, end = off + _MSG_SIZE, off + length
     while pos + 4 <= end:
         nla_len, nla_type = _nlattr.unpack_from(buf, pos)
-        if nla_len < 4:
-            break
+        if nla_len < 4 or pos + nla_len > end:
+            break  # a malformed attribute: the kernel's nla_ok() stops here too
         if nla_type & 0x3FFF == INET_DIAG_CGROUP_ID and nla_len >= 12:
             (cgroup_id,) = struct.unpack_from("=Q", buf, pos + 4)
         pos += (nla_len + 3) & ~3
@@ -96,6 +103,37 @@ def decode_message(buf: bytes, off: int, length: int) -> SockEntry:
     if alen == 16 and local[:12] == _V4MAPPED and remote[:12] in (_V4MAPPED, bytes(12)):
         local, remote = local[12:], remote[12:]  # a dual-stack socket on IPv4: keyed like IPv4 packets
     return SockEntry(family, state, local, sport, remote, dport, uid, inode, cgroup_id)
+
+
+def parse_answer(buf: bytes, seq: int, entries: list[SockEntry]) -> bool:
+    """Walk one datagram of the answer to request `seq`, appending the sockets it carries.
+
+    True once the answer is complete, False if more datagrams follow; messages answering other
+    requests are skipped. Raises SockDiagError for an error answer or a malformed message.
+    """
+    off = 0
+    while off + _nlmsghdr.size <= len(buf):
+        length, msg_type, flags, msg_seq, _pid = _nlmsghdr.unpack_from(buf, off)
+        if length < _nlmsghdr.size:
+            raise SockDiagError("sock_diag: malformed answer")
+        if msg_seq == seq:
+            if msg_type == NLMSG_ERROR:
+                if length < 20 or off + 20 > len(buf):
+                    raise SockDiagError("sock_diag: malformed answer")  # no room for the error code
+                (err,) = struct.unpack_from("=i", buf, off + 16)
+                if err in (0, -errno.ENOENT):
+                    return True
+                if not -4096 < err < 0:  # not an errno: os.strerror() would raise OverflowError
+                    raise SockDiagError(f"sock_diag: malformed error code {err}")
+                raise SockDiagError(f"sock_diag: {os.strerror(-err)}")
+            if msg_type == NLMSG_DONE:
+                return True
+            if msg_type == SOCK_DIAG_BY_FAMILY:
+                entries.append(decode_message(buf, off + 16, length - 16))
+                if not flags & NLM_F_MULTI:  # an exact lookup answers once
+                    return True
+        off += (length + 3) & ~3
+    return False
 
 
 class SockDiag:
@@ -116,25 +154,8 @@ class SockDiag:
         self._sock.send(msg)
         entries: list[SockEntry] = []
         while True:
-            buf = self._sock.recv(1 << 16)
-            off = 0
-            while off + _nlmsghdr.size <= len(buf):
-                length, msg_type, flags, seq, _pid = _nlmsghdr.unpack_from(buf, off)
-                if length < _nlmsghdr.size:
-                    raise SockDiagError("sock_diag: malformed answer")
-                if seq == self._seq:
-                    if msg_type == NLMSG_ERROR:
-                        (err,) = struct.unpack_from("=i", buf, off + 16)
-                        if err in (0, -errno.ENOENT):
-                            return entries
-                        raise SockDiagError(f"sock_diag: {os.strerror(-err)}")
-                    if msg_type == NLMSG_DONE:
-                        return entries
-                    if msg_type == SOCK_DIAG_BY_FAMILY:
-                        entries.append(decode_message(buf, off + 16, length - 16))
-                        if not flags & NLM_F_MULTI:  # an exact lookup answers once
-                            return entries
-                off += (length + 3) & ~3
+            if parse_answer(self._sock.recv(1 << 16), self._seq, entries):
+                return entries
 
     def lookup(
         self, proto: int, local: bytes, lport: int, remote: bytes, rport: int, ifindex: int = 0
@@ -175,6 +196,25 @@ SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 
 
+def parse_destroy(buf: bytes, groups: int) -> list[tuple[int, SockEntry]]:
+    """(protocol, socket) of every destroy event in one datagram sent to multicast `groups`."""
+    # The message does not carry the protocol; the group it was sent to does.
+    proto = (
+        TCP if groups & (1 << (SKNLGRP_INET_TCP_DESTROY - 1) | 1 << (SKNLGRP_INET6_TCP_DESTROY - 1)) else UDP
+    )
+    out: list[tuple[int, SockEntry]] = []
+    off = 0
+    while off + _nlmsghdr.size <= len(buf):
+        length, msg_type = _nlmsghdr.unpack_from(buf, off)[:2]
+        if length < _nlmsghdr.size:
+            break
+        if msg_type == SOCK_DIAG_BY_FAMILY:
+            with contextlib.suppress(SockDiagError):  # a truncated event: nothing to mark closed
+                out.append((proto, decode_message(buf, off + 16, length - 16)))
+        off += (length + 3) & ~3
+    return out
+
+
 class DestroyEvents:
     """sock_diag's destroy multicast groups: the kernel reports each TCP/UDP socket it frees."""
 
@@ -213,20 +253,7 @@ class DestroyEvents:
                     self.overruns += 1
                     continue
                 raise
-            # The message does not carry the protocol; the group it was sent to does.
-            proto = (
-                TCP
-                if groups & (1 << (SKNLGRP_INET_TCP_DESTROY - 1) | 1 << (SKNLGRP_INET6_TCP_DESTROY - 1))
-                else UDP
-            )
-            off = 0
-            while off + _nlmsghdr.size <= len(buf):
-                length, msg_type = _nlmsghdr.unpack_from(buf, off)[:2]
-                if length < _nlmsghdr.size:
-                    break
-                if msg_type == SOCK_DIAG_BY_FAMILY and length >= 16 + _MSG_SIZE:
-                    out.append((proto, decode_message(buf, off + 16, length - 16)))
-                off += (length + 3) & ~3
+            out += parse_destroy(buf, groups)
 
     def close(self) -> None:
         self._sock.close()
