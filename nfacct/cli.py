@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -335,3 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`| head`): end quietly with the status of a command killed by SIGPIPE,
+        # as cat or grep would, and spare Python a second failure flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

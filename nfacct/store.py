@@ -124,8 +124,8 @@ def _damage(path: str) -> str | None:
     """What is wrong with the database at `path`, or None if SQLite's quick_check finds it sound.
 
     Read only (see `_readonly_uri`), so a damaged file is left exactly as it was; other errors
-    (locked, unreadable) are raised. quick_check reads every page once: measured 0.3 s for a
-    100 MB database (see docs/lifecycle.md).
+    (locked, unreadable) are raised. quick_check reads every page once; measured on a 93 MB
+    database (265,000 exited processes): 0.09 s from the page cache, 1.2-1.3 s read from disk.
     """
     try:
         conn = sqlite3.connect(_readonly_uri(path), uri=True)

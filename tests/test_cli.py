@@ -15,6 +15,17 @@ from nfacct.display import print_tasks
 from nfacct.tables import COUNTER_NAMES
 
 LONG_PATH = "/tmp/" + "s" * 103  # 108 bytes: one more than sockaddr_un holds with its NUL
+# Should a flag's check ever let a value through, the daemon stops at the missing namespace: no
+# test may start one in the root namespace or on the host's control socket and database.
+RUN = (
+    "run",
+    "--netns",
+    "nfacct-missing-ns",
+    "--control",
+    "/tmp/nfacct-test-missing.sock",
+    "--db",
+    "/tmp/nfacct-test-missing.db",
+)
 
 
 def nfacct(*args: str) -> subprocess.CompletedProcess:
@@ -41,36 +52,36 @@ def nfacct(*args: str) -> subprocess.CompletedProcess:
         ),
         (("status", "--control", "/nonexistent/nfacct.sock"), 1, "no nfacct daemon"),
         (("rules", "install", "--queue", "70000"), 2, "queue number 70000 is out of range"),
-        (("run", "--queue", "abc"), 2, "argument --queue: queue number must be an integer, not 'abc'"),
+        ((*RUN, "--queue", "abc"), 2, "argument --queue: queue number must be an integer, not 'abc'"),
         (("rules", "install", "--bogus"), 2, "unrecognized arguments: --bogus"),
-        (("run", "--queue-maxlen", "0"), 2, "argument --queue-maxlen: expected a positive integer, not '0'"),
+        ((*RUN, "--queue-maxlen", "0"), 2, "argument --queue-maxlen: expected a positive integer, not '0'"),
         (("rules", "install", "--backend", "pf"), 2, "invalid choice: 'pf'"),
         (
-            ("run", "--queue-maxlen", "99999999999"),
+            (*RUN, "--queue-maxlen", "99999999999"),
             2,
             "argument --queue-maxlen: 99999999999 is more than the limit of 1,048,576",
         ),
-        (("run", "--control", LONG_PATH), 2, "argument --control: control socket path is 108 bytes"),
+        ((*RUN, "--control", LONG_PATH), 2, "argument --control: control socket path is 108 bytes"),
         (("top", "--control", LONG_PATH), 2, "a UNIX socket path is at most 107"),
         (("status", "--control", LONG_PATH + "x"), 2, "argument --control: control socket path is 109 bytes"),
         *(
-            (("run", flag, value), 2, f"argument {flag}: expected a finite number of seconds, not '{value}'")
+            ((*RUN, flag, value), 2, f"argument {flag}: expected a finite number of seconds, not '{value}'")
             for flag in ("--gc-cycle", "--checkpoint-interval", "--udp-idle", "--tcp-idle", "--closed-idle")
             for value in ("nan", "inf")
         ),
-        (("run", "--unreferenced-idle=-inf"), 2, "argument --unreferenced-idle: expected a finite"),
-        (("run", "--gc-cycle", "0"), 2, "argument --gc-cycle: expected a positive number of seconds"),
-        (("run", "--gc-cycle", "86401"), 2, "argument --gc-cycle: 86401 seconds is more than the limit"),
-        (("run", "--checkpoint-interval", "1e6"), 2, "argument --checkpoint-interval: 1e6 seconds is more"),
-        (("run", "--tcp-idle", "31536001"), 2, "argument --tcp-idle: 31536001 seconds is more than the"),
-        (("run", "--udp-idle=-1"), 2, "argument --udp-idle: expected a positive number of seconds"),
+        ((*RUN, "--unreferenced-idle=-inf"), 2, "argument --unreferenced-idle: expected a finite"),
+        ((*RUN, "--gc-cycle", "0"), 2, "argument --gc-cycle: expected a positive number of seconds"),
+        ((*RUN, "--gc-cycle", "86401"), 2, "argument --gc-cycle: 86401 seconds is more than the limit"),
+        ((*RUN, "--checkpoint-interval", "1e6"), 2, "argument --checkpoint-interval: 1e6 seconds is more"),
+        ((*RUN, "--tcp-idle", "31536001"), 2, "argument --tcp-idle: 31536001 seconds is more than the"),
+        ((*RUN, "--udp-idle=-1"), 2, "argument --udp-idle: expected a positive number of seconds"),
         (("top", "--interval", "nan"), 2, "argument --interval: expected a finite number of seconds"),
         (("top", "--interval", "0"), 2, "argument --interval: expected a positive number of seconds"),
         (("top", "--interval", "1e9"), 2, "argument --interval: 1e9 seconds is more than the limit of 86,"),
-        (("run", "--max-sockinfo", "0"), 2, "argument --max-sockinfo: expected a positive integer, not '0'"),
-        (("run", "--max-sockinfo", "1e9"), 2, "argument --max-sockinfo: expected an integer, not '1e9'"),
-        (("run", "--max-sockinfo", "10000001"), 2, "argument --max-sockinfo: 10000001 is more than the"),
-        (("run", "--max-taskinfo", "5000000"), 2, "argument --max-taskinfo: 5000000 is more than the"),
+        ((*RUN, "--max-sockinfo", "0"), 2, "argument --max-sockinfo: expected a positive integer, not '0'"),
+        ((*RUN, "--max-sockinfo", "1e9"), 2, "argument --max-sockinfo: expected an integer, not '1e9'"),
+        ((*RUN, "--max-sockinfo", "10000001"), 2, "argument --max-sockinfo: 10000001 is more than the"),
+        ((*RUN, "--max-taskinfo", "5000000"), 2, "argument --max-taskinfo: 5000000 is more than the"),
         (("history", "--since", "0001-01-01"), 2, "argument --since: expected a duration like 1h"),
     ],
 )
@@ -82,6 +93,7 @@ def test_bad_input_names_the_problem(args, code, message):
     if code == 1:
         assert len(r.stderr.strip().splitlines()) == 1
     assert not os.path.exists("/tmp/nfacct-test-missing.sock"), "a failed start left its socket behind"
+    assert not os.path.exists("/tmp/nfacct-test-missing.db"), "a failed start left a database behind"
 
 
 def test_not_root_is_a_clear_error(monkeypatch, capsys):
@@ -203,3 +215,63 @@ def test_takeover_without_a_daemon_to_take_over_is_a_clear_error(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == f"nfacct: error: no nfacct daemon at {control} (start one with `nfacct run`)"
     assert not os.path.exists(control)
+
+
+HOSTILE = b"evil\x1b]0;pwned\x07\xff"  # sets the terminal's title, rings, and is not UTF-8
+
+
+def history_csv(tmp_path, command: str) -> list[str]:
+    """`nfacct history --csv` of a database holding one process named `command`."""
+    from nfacct.store import Store
+
+    db = str(tmp_path / "one.db")
+    store = Store(db)
+    row = dict.fromkeys(COUNTER_NAMES, 1)
+    row.update(pid=1, btime=1.0, exit_time=0.0, uid=0, cgroup="/", command=command, cmdline="")
+    store.save_exited([row])
+    store.close()
+    return [sys.executable, "-m", "nfacct", "history", "--db", db, "--csv"]
+
+
+@pytest.fixture
+def hostile_csv(tmp_path) -> list[str]:
+    from nfacct import text
+
+    return history_csv(tmp_path, text.decode(HOSTILE))
+
+
+def test_csv_to_a_pipe_is_the_exact_bytes(hostile_csv):
+    out = subprocess.run(hostile_csv, capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == HOSTILE + b",1" + b",1" * len(COUNTER_NAMES)
+
+
+def test_csv_to_a_terminal_is_escaped(hostile_csv):
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(hostile_csv, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(timeout=10) == 0, p.stderr.read()
+    assert not {b for b in out if b < 0x20} - {0x0D, 0x0A}
+    assert b"\\x1b]0;pwned\\x07\\xff,1," in out
+    out.decode("utf-8")
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly(tmp_path):
+    argv = [*history_csv(tmp_path, "curl")[:-1], "--json"]
+    r, w = os.pipe()
+    os.close(r)  # `nfacct history --json | head -0`: gone before the first byte
+    with os.fdopen(w, "wb") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, text=True)
+    assert (done.returncode, done.stderr) == (141, "")
