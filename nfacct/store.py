@@ -21,6 +21,7 @@ import sqlite3
 import stat
 import time
 import urllib.parse
+from collections.abc import Iterator
 
 import sqlite_utils
 
@@ -204,27 +205,37 @@ class Store:
         if self.path == ":memory:":
             db = sqlite_utils.Database(memory=True)
         else:
-            self._created_dirs = make_dirs(os.path.dirname(os.path.abspath(self.path)), 0o700)
-            self._created_db = _create(self.path)
-            if not self._created_db:
-                _root_only(self.path)  # before SQLite creates a -wal or -shm with the file's mode
-                damage = _damage(self.path)
-                if damage is not None:
-                    aside = _set_aside(self.path)
-                    self._created_db = _create(self.path)
-                    log.warning(
-                        "database %s is damaged (%s): set it aside, untouched, as %s (with its -wal and -shm,"
-                        " if any) and started a new one; recover its rows with: %s",
-                        self.path,
-                        damage,
-                        aside,
-                        _recovery(aside),
-                    )
+            self._prepare_file()
             db = sqlite_utils.Database(self.path)
-            db.enable_wal()
-        with db.conn:
-            _migrate(db)
+        try:
+            db.enable_wal()  # a no-op in memory
+            with db.conn:
+                _migrate(db)
+        except BaseException:
+            db.close()
+            raise
         return db
+
+    def _prepare_file(self) -> None:
+        """A root-only database file at `path`, a damaged one set aside first."""
+        self._created_dirs = make_dirs(os.path.dirname(os.path.abspath(self.path)), 0o700)
+        self._created_db = _create(self.path)
+        if self._created_db:
+            return
+        _root_only(self.path)  # before SQLite creates a -wal or -shm with the file's mode
+        damage = _damage(self.path)
+        if damage is None:
+            return
+        aside = _set_aside(self.path)
+        self._created_db = _create(self.path)
+        log.warning(
+            "database %s is damaged (%s): set it aside, untouched, as %s (with its -wal and -shm, if any)"
+            " and started a new one; recover its rows with: %s",
+            self.path,
+            damage,
+            aside,
+            _recovery(aside),
+        )
 
     def _open_readonly(self) -> sqlite_utils.Database:
         try:
@@ -234,7 +245,11 @@ class Store:
         except PermissionError:
             raise StoreError(f"cannot read {self.path}: {_ROOT_ONLY}") from None
         db = sqlite_utils.Database(sqlite3.connect(_readonly_uri(self.path), uri=True))
-        version = _version(db)
+        try:
+            version = _version(db)
+        except BaseException:
+            db.close()
+            raise
         if version < SCHEMA_VERSION:
             db.close()
             raise StoreError(
@@ -249,7 +264,7 @@ class Store:
         return StoreError(f"cannot use database {self.path}: {e}")
 
     @contextlib.contextmanager
-    def _reading(self):
+    def _reading(self) -> Iterator[None]:
         """SQLite's errors as one line naming the file (and the recovery, if it is damaged)."""
         try:
             yield
