@@ -164,6 +164,15 @@ def start_sender(lab, procs, argv: list[bytes], env: dict[bytes, bytes] | None =
     return p
 
 
+def task_rows(db: str, table: str) -> dict[int, dict]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["pid"]: dict(r) for r in conn.execute(f"SELECT * FROM {table}")}
+    finally:
+        conn.close()
+
+
 def nfacct(*args: str) -> bytes:
     """stdout of the command line, as the bytes it wrote."""
     r = subprocess.run([sys.executable, "-m", "nfacct", *args], capture_output=True)
@@ -195,25 +204,35 @@ def test_hostile_names_are_stored_exactly_and_shown_escaped(
     def live_counts() -> dict[int, int]:
         return {t["pid"]: t["udpsndpacks"] for t in daemon.top() if t["pid"] in expected}
 
+    def check(rows: dict[int, dict]) -> None:
+        """The rows hold the exact bytes, and the kernel's count."""
+        for pid, (command, cmdline, cg, sport) in expected.items():
+            as_bytes = {k: v.encode() if isinstance(v, str) else v for k, v in rows[pid].items()}
+            assert as_bytes["command"] == os.path.basename(command)[:15]  # comm: the file name, truncated
+            assert as_bytes["cmdline"] == cmdline
+            if cg is not None:
+                assert as_bytes["cgroup"] == cg
+            assert {c: rows[pid][c] for c in COUNTER_NAMES} == kernel(counters, "udp", sport)
+
     assert until(live_counts, {plain.pid: 1, evil.pid: 1}) == {plain.pid: 1, evil.pid: 1}
     top = nfacct("top", "--once", "--control", daemon.control)
     no_raw_bytes(top)
     assert b"evil\\xff\\x1b[2J" in top
 
+    # The checkpoint of running processes, then a restart that takes the names back from it.
+    assert daemon.stop() == 0, daemon.log.read_text()
+    check(task_rows(daemon.db, "live_tasks"))
+    daemon = Daemon(lab.acct, tmp_path, db=daemon.db)
+    daemons.append(daemon)
+    restored = {t["pid"]: text.encode(t["comm"]) for t in daemon.top() if t["pid"] in expected}
+    assert restored == {pid: os.path.basename(e[0])[:15] for pid, e in expected.items()}
+
     for p in (plain, evil):
         p.stdin.close()
         assert p.wait(timeout=5) == 0
     assert until(lambda: set(expected) <= set(exited_rows(daemon.db)), True), "the exits were not recorded"
-    rows = exited_rows(daemon.db)
     assert daemon.proc.poll() is None, daemon.log.read_text()
-    for pid, (command, cmdline, cg, sport) in expected.items():
-        row = rows[pid]
-        as_bytes = {k: v.encode() if isinstance(v, str) else v for k, v in row.items()}
-        assert as_bytes["command"] == os.path.basename(command)[:15]  # comm: the file name, truncated
-        assert as_bytes["cmdline"] == cmdline
-        if cg is not None:
-            assert as_bytes["cgroup"] == cg
-        assert {c: row[c] for c in COUNTER_NAMES} == kernel(counters, "udp", sport)
+    check(exited_rows(daemon.db))
 
     escaped_cgroup = text.escape(text.decode(cgroup)).encode()
     for by, escaped in (("command", b"evil\\xff\\x1b[2J"), ("cgroup", escaped_cgroup)):
