@@ -121,18 +121,3 @@ def _transport(
         sport, dport = _ports.unpack_from(data, off)
         return Parsed(version, proto, src, dst, sport, dport, total, frag_id, True)
     return Parsed(version, proto, src, dst, 0, 0, total, frag_id, True)
-
-
-def is_tcp_syn(data: bytes) -> bool:
-    """A connection's first packet (SYN without ACK), IPv4 or IPv6 without extension headers.
-
-    Cheap enough to run before the verdict; a SYN behind IPv6 extension headers reads as False.
-    """
-    if len(data) < 20:
-        return False
-    if data[0] >> 4 == 4:
-        off = (data[0] & 0x0F) * 4
-        is_tcp = data[9] == TCP and not ((data[6] & 0x1F) or data[7])  # not a later fragment
-    else:
-        off, is_tcp = 40, len(data) >= 40 and data[6] == TCP
-    return is_tcp and len(data) > off + 13 and data[off + 13] & 0x12 == 0x02

@@ -146,7 +146,7 @@ class SocketIndex:
         if pid is not None:
             return pid
         scanned = set()
-        for pid in list(self._recent):
+        for pid in reversed(self._recent):  # newest first: a fork just seen is the likeliest owner
             scanned.add(pid)
             self._scan(pid, self._owner)
             if inode in self._owner:

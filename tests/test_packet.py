@@ -127,18 +127,3 @@ def test_random_and_truncated_input_never_raises():
         if data and rng.random() < 0.8:
             data[0] = (rng.choice((4, 6)) << 4) | (data[0] & 0x0F)
         assert isinstance(parse(bytes(data)), Parsed | Malformed)
-
-
-def test_is_tcp_syn_sees_only_a_connections_first_packet():
-    from scapy.layers.inet import IP, TCP
-    from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
-
-    from nfacct.packet import is_tcp_syn
-
-    assert is_tcp_syn(bytes(IP() / TCP(flags="S")))
-    assert is_tcp_syn(bytes(IPv6() / TCP(flags="S")))
-    assert not is_tcp_syn(bytes(IP() / TCP(flags="SA")))
-    assert not is_tcp_syn(bytes(IP() / TCP(flags="A")))
-    assert not is_tcp_syn(bytes(IP(frag=3) / TCP(flags="S")))
-    assert not is_tcp_syn(bytes(IPv6() / IPv6ExtHdrHopByHop() / TCP(flags="S")))  # documented limit
-    assert not is_tcp_syn(b"\x45\x00")
