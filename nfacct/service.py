@@ -66,9 +66,9 @@ class Service:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.started = time.time()
-        self._running = False
+        self._running = True  # until a signal or a handover says stop, from here on
         self._handing_over = False
-        self._held: list[Packet] = []  # first packets of new outgoing TCP flows (see _on_packet)
+        self._held: list[Packet] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self.faults = Faults()
         self._pending_gaps: list[dict] = []  # unaccounted gaps whose write failed; retried
@@ -76,13 +76,27 @@ class Service:
         self._undo = contextlib.ExitStack()  # what only a failed start takes back
         self._sel = selectors.DefaultSelector()
         self._resources.callback(self._sel.close)
+        # A stop asked for while starting (the integrity check or a takeover can take seconds)
+        # takes back what the start made, like any failed start; once started, it ends the loop.
+        self._signals = {s: signal.signal(s, self._interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._open()
         except BaseException:
+            self._restore_signals()
             self.close()
             self._undo.close()
             raise
         self._undo.pop_all()
+        for s in self._signals:
+            signal.signal(s, self.stop)
+
+    @staticmethod
+    def _interrupted(signum: int, _frame) -> None:
+        raise ServiceError(f"stopped by {signal.Signals(signum).name} while starting; nothing was changed")
+
+    def _restore_signals(self) -> None:
+        for s, handler in self._signals.items():
+            signal.signal(s, handler)
 
     def _open(self) -> None:
         cfg = self.config
@@ -433,7 +447,6 @@ class Service:
         sel = self._sel
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        old_handlers = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
         # Each key's data is what to call when it is ready; the control server adds its clients.
         sel.register(self.queue.fileno(), selectors.EVENT_READ, lambda _m: self.queue.dispatch())
         sel.register(wake_r, selectors.EVENT_READ, lambda _m: os.read(wake_r, 512))
@@ -449,7 +462,6 @@ class Service:
         }
         if not self.events:
             due["poll"] = now + cfg.poll_interval
-        self._running = True
         log.info("accounting queue %d in netns %s", self.queue.number, cfg.netns or "(own)")
         try:
             while self._running:
@@ -480,8 +492,7 @@ class Service:
                 self.control.held = []
         finally:
             signal.set_wakeup_fd(old_wakeup)
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+            self._restore_signals()
             for fd in (self.queue.fileno(), wake_r):
                 sel.unregister(fd)
             os.close(wake_r)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import free_port
+from conftest import exited_rows, free_port
 
 from nfacct import control
 from nfacct.lab import PEER_V4
@@ -96,7 +96,9 @@ def assert_iperf_counted_exactly(daemon, figures: dict) -> None:
     expected = figures["kernel"]
     deadline = time.monotonic() + 5
     while True:
+        # Live in `top` until GC removes the exited task; in the database from a second after exit.
         task = next((t for t in daemon.top() if t["pid"] == figures["pid"]), None)
+        task = task or exited_rows(daemon.db).get(figures["pid"])
         got = task and (task["tcpsndpacks"], task["tcpsndbytes"], task["tcprcvpacks"], task["tcprcvbytes"])
         if got == expected or time.monotonic() > deadline:
             break
