@@ -170,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=count(MAX_QUEUE_MAXLEN),
         default=QUEUE_MAXLEN,
         metavar="N",
-        help="packets the kernel holds for the daemon before fail-open lets them pass unaccounted; "
-        f"also how many a stopped daemon can stall (default {QUEUE_MAXLEN}, at most {MAX_QUEUE_MAXLEN:,}: "
-        "each queued packet pins a buffer of up to 64 KiB with GSO, 64 GiB at the limit)",
+        help="packets the kernel holds for the daemon before fail-open lets them pass unaccounted "
+        "(it does not bound how long a stopped daemon stalls senders: see docs/limits.md); "
+        f"default {QUEUE_MAXLEN}, at most {MAX_QUEUE_MAXLEN:,}: each queued packet pins a buffer of "
+        "up to 64 KiB with GSO, 64 GiB at the limit",
     )
     run.add_argument(
         "--no-hold",
