@@ -56,7 +56,7 @@ def check_path(path: str) -> str:
     return path
 
 
-def _depth(data: bytes) -> int:
+def json_depth(data: bytes) -> int:
     """Deepest nesting of JSON arrays and objects in `data`, brackets inside strings excluded."""
     depth = deepest = 0
     in_string = escaped = False
@@ -82,7 +82,7 @@ def parse_request(line: bytes) -> str:
     """The command of one request line; BadRequest for anything else."""
     if len(line) > MAX_REQUEST:
         raise BadRequest(f"bad request: longer than {MAX_REQUEST} bytes")
-    if _depth(line) > MAX_DEPTH:
+    if json_depth(line) > MAX_DEPTH:
         raise BadRequest(f"bad request: nested deeper than {MAX_DEPTH}")
     try:
         message = json.loads(line)

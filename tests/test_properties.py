@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import socket
 import struct
 from collections import Counter
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nfacct.control import MAX_DEPTH, MAX_REQUEST, BadRequest, json_depth, parse_request
 from nfacct.engine import Engine
 from nfacct.events import (
     CN_IDX_PROC,
@@ -712,3 +714,64 @@ def test_strip_ack_never_raises_and_answers_an_errno(buf: bytes) -> None:
     if result is None:
         assert rest == buf
     assert strip_ack(rest, 5) == (rest, None)  # every answer to us is gone
+
+
+# ---- control requests ---------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def nested(depth: int) -> bytes:
+    return b'{"cmd": "status", "x": ' + b"[" * depth + b"0" + b"]" * depth + b"}"
+
+
+@PROFILE
+@given(st.one_of(st.binary(max_size=600), JSON_VALUES.map(lambda v: json.dumps(v).encode())))
+def test_parse_request_answers_a_command_or_a_bad_request(line: bytes) -> None:
+    """Whatever a client sends, the daemon gets a command string or an error to answer with."""
+    try:
+        cmd = parse_request(line)
+    except BadRequest as e:
+        assert str(e).startswith("bad request: ")
+        return
+    message = json.loads(line)
+    assert cmd == message["cmd"] and isinstance(cmd, str)
+
+
+@PROFILE
+@given(st.text(max_size=30), JSON_VALUES)
+def test_parse_request_takes_every_well_formed_request(cmd: str, extra: object) -> None:
+    line = json.dumps({"cmd": cmd, "x": extra}).encode()
+    if len(line) <= MAX_REQUEST and json_depth(line) <= MAX_DEPTH:
+        assert parse_request(line) == cmd
+
+
+@PROFILE
+@given(st.integers(0, 50_000))
+def test_parse_request_bounds_nesting_without_recursing(depth: int) -> None:
+    line = nested(depth)
+    if len(line) > MAX_REQUEST:
+        with pytest.raises(BadRequest, match="longer than"):
+            parse_request(line)
+    elif depth + 1 > MAX_DEPTH:
+        with pytest.raises(BadRequest, match="nested deeper than"):
+            parse_request(line)
+    else:
+        assert parse_request(line) == "status"
+
+
+@PROFILE
+@given(JSON_VALUES)
+def test_depth_counts_json_nesting_and_ignores_brackets_in_strings(value: object) -> None:
+    def depth(v: object) -> int:
+        if isinstance(v, list):
+            return 1 + max(map(depth, v), default=0)
+        if isinstance(v, dict):
+            return 1 + max(map(depth, v.values()), default=0)
+        return 0
+
+    assert json_depth(json.dumps(value).encode()) == depth(value)
