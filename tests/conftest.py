@@ -64,6 +64,16 @@ def exited_rows(db: str) -> dict[int, dict]:
         conn.close()
 
 
+def until(what, expected, within: float = 10.0):
+    """Poll `what()` until it returns `expected` or `within` seconds pass; returns the last value."""
+    deadline = time.monotonic() + within
+    while True:
+        got = what()
+        if got == expected or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
 def udp_out(sport: int) -> tuple[bytes, tuple]:
     """An outgoing 100-byte UDP datagram from port `sport`, and its flow key."""
     pkt = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=53) / (b"q" * 72))

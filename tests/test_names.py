@@ -11,10 +11,9 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import Daemon, count_port, exited_rows, kernel
+from conftest import Daemon, count_port, exited_rows, kernel, until
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
@@ -40,15 +39,6 @@ SENDER = (
     "print('sent', flush=True)\n"
     "sys.stdin.read()\n"
 ).encode()
-
-
-def until(what, expected, within: float = 10.0):
-    deadline = time.monotonic() + within
-    while True:
-        got = what()
-        if got == expected or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
 
 
 def no_raw_bytes(out: bytes) -> None:

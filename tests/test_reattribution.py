@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Daemon, count_port, exited_rows, facts, kernel, udp_out
+from conftest import Daemon, count_port, exited_rows, facts, kernel, udp_out, until
 
 from nfacct.engine import Engine
 from nfacct.lab import PEER_V4
@@ -39,16 +39,6 @@ def phase(counters, proto: str, port: int) -> dict[str, int]:
 
 def live_counts(daemon: Daemon) -> dict[int, dict[str, int]]:
     return {t["pid"]: {c: t[c] for c in COUNTER_NAMES} for t in daemon.top()}
-
-
-def until(what, expected, within: float = 10.0):
-    """Poll `what()` until it returns `expected` or `within` seconds pass; returns the last value."""
-    deadline = time.monotonic() + within
-    while True:
-        got = what()
-        if got == expected or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
 
 
 def wait_seen_exit(daemon: Daemon, pid: int) -> None:

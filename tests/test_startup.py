@@ -6,9 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-from conftest import count_port, kernel, send
+from conftest import count_port, kernel, send, until
 
 from nfacct import claim
 from nfacct.control import ControlError
@@ -71,7 +70,7 @@ def test_a_failed_start_takes_back_what_it_made(tmp_path):
             argv += ["--control", str(control), "--db", str(db)]
             daemon = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
             try:
-                assert wait_for(lambda: answers(str(control))), "the daemon did not come up"
+                assert until(lambda: answers(str(control)), True, 15), "the daemon did not come up"
                 assert claim.holder(lab.acct)["pid"] == daemon.pid
             finally:
                 daemon.terminate()
@@ -99,15 +98,6 @@ def answers(path: str) -> bool:
         return control_request(path, "ping", timeout=1) == {"ok": True}
     except ControlError:
         return False
-
-
-def wait_for(condition, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_start_stopped_midway_takes_back_what_it_made(tmp_path):
