@@ -22,15 +22,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m nfacct.demo
+	$(PY) -m lab.demo
 
 test: setup
-	$(VENV)/bin/ruff check nfacct tests bench
+	$(VENV)/bin/ruff check nfacct tests bench lab
 	$(VENV)/bin/pytest -v tests
 
 lint: setup
-	$(VENV)/bin/ruff check nfacct tests bench
-	$(VENV)/bin/ruff format --check nfacct tests bench
+	$(VENV)/bin/ruff check nfacct tests bench lab
+	$(VENV)/bin/ruff format --check nfacct tests bench lab
 
 bench: setup
 	$(PY) bench/run.py

@@ -41,8 +41,13 @@ from typing import Any, NamedTuple
 import psutil
 
 from nfacct import control
-from nfacct.lab import ACCT_V4, PEER_V4, Counters, Lab, stop_all
 from nfacct.rules import Rules
+
+# Run as a script (`python bench/run.py`, from any directory): the checkout's `lab`, which is
+# not installed with nfacct, is found next to bench/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lab.daemon import Daemon
+from lab.hosts import ACCT_V4, PEER_V4, Counters, Lab, stop_all
 
 SECONDS = 3
 PORT = 5201
@@ -109,38 +114,19 @@ def run_test(lab: Lab, counters: Counters, name: str) -> dict:
     return res
 
 
-class Daemon(NamedTuple):
-    proc: subprocess.Popen
-    ctl: str  # control socket
-    db: str  # its own database, in our temporary directory (not /var/lib)
-
-
 def start_daemon(lab: Lab, tmp: str, started: list[subprocess.Popen], name: str = "nfacct") -> Daemon:
-    ctl, db, log_path = f"{tmp}/{name}.sock", f"{tmp}/{name}.db", f"{tmp}/{name}.log"
-    argv = [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--control", ctl, "--db", db]
-    with open(log_path, "w") as log:
-        daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    started.append(daemon)
-
-    def pong() -> bool:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"daemon exited early: {Path(log_path).read_text()}")
-        try:
-            control.request(ctl, "ping", timeout=1)
-        except control.ControlError:
-            return False
-        return True
-
-    wait_for("the nfacct daemon", pong, timeout=15)
-    return Daemon(daemon, ctl, db)
+    """A daemon with its own control socket, database and log in TMP/NAME (not /run, /var/lib),
+    added to `started` (the caller's `finally` stops them all)."""
+    daemon = Daemon(lab.acct, f"{tmp}/{name}")
+    started.append(daemon.proc)
+    return daemon
 
 
 def stop_daemon(d: Daemon) -> dict:
     """SIGTERM (the daemon drains its queue and writes its last checkpoint), then what its
     database recorded as unaccounted."""
-    d.proc.terminate()
-    res: dict[str, Any] = {"exit_status": d.proc.wait(timeout=10)}
-    res["left_control_socket"] = os.path.exists(d.ctl)
+    res: dict[str, Any] = {"exit_status": d.stop()}
+    res["left_control_socket"] = os.path.exists(d.control)
     with contextlib.closing(sqlite3.connect(d.db)) as db:
         gaps = db.execute("SELECT reason, COUNT(*), SUM(packets) FROM unaccounted GROUP BY reason").fetchall()
     res["unaccounted"] = sum(packets for _, _, packets in gaps)
@@ -179,8 +165,8 @@ def bench(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
         daemon = start_daemon(lab, tmp, started, name)
         queued_before = rules.queued_packets()
         run = res["nfacct"][name] = run_test(lab, counters, name)
-        status = control.request(daemon.ctl, "status")
-        tasks = control.request(daemon.ctl, "top")["tasks"]
+        status = control.request(daemon.control, "status")
+        tasks = control.request(daemon.control, "top")["tasks"]
         res["daemon"][name] = {
             "packets": status["engine"]["packets"],
             **{k: status["queue"].get(k) for k in ("missed", "queue_dropped", "user_dropped")},
@@ -372,7 +358,7 @@ def short_flows(lab: Lab, tmp: str, started: list[subprocess.Popen]) -> dict:
 
     res["backend"] = rules.install()
     dmn = start_daemon(lab, tmp, procs)
-    daemon, ctl = dmn.proc, dmn.ctl
+    daemon, ctl = dmn.proc, dmn.control
     t0 = time.monotonic()
     timeline: list[dict] = []
 

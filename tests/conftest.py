@@ -3,24 +3,53 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 from scapy.layers.inet import IP, UDP
 
-from nfacct import control
-from nfacct.lab import ACCT_V4, Counters, Lab
+from lab.daemon import Daemon
+from lab.hosts import ACCT_V4, Counters, Lab, NeedsRoot
 from nfacct.procs import ProcessFacts
 from nfacct.rules import Rules
 from nfacct.tables import COUNTER_NAMES
 
-if os.geteuid() != 0:
-    pytest.exit("nfacct's tests need root: they create network namespaces and queue rules", returncode=1)
+ROOT_ONLY = "needs root (network namespaces, queue rules, a daemon, other users); unit tests run without"
+
+
+def need_root() -> None:
+    """Skip the test unless we are root: for fixtures that need the real kernel or other users."""
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_ONLY)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "root: the test needs root, and is skipped without it")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """Without root, a test marked `root`, or whose fixtures make a Lab (in any test module),
+    is skipped, not failed."""
+    if item.get_closest_marker("root"):
+        need_root()
+    try:
+        return (yield)
+    except NeedsRoot:
+        pytest.skip(ROOT_ONLY)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """The same for a Lab made in the test itself."""
+    try:
+        return (yield)
+    except NeedsRoot:
+        pytest.skip(ROOT_ONLY)
+
 
 # Below the ephemeral range (32768-60999 by default), so no client's local port ever takes one.
 _ports = itertools.count(20000)
@@ -48,7 +77,7 @@ def count_port(counters, proto: str, port: int) -> None:
 
 def send(lab, port: int, count: int, rate: float = 0) -> None:
     """`count` UDP datagrams from the peer namespace to the accounted host's `port`."""
-    argv = ["python3", "-m", "nfacct.lab", "sender", "--connect", ACCT_V4, "--port", str(port)]
+    argv = ["python3", "-m", "lab.roles", "sender", "--connect", ACCT_V4, "--port", str(port)]
     lab.run(lab.peer, [*argv, "--count", str(count), "--rate", str(rate)])
 
 
@@ -84,66 +113,9 @@ def facts(pid: int) -> ProcessFacts:
     return ProcessFacts(pid, 1000.0 + pid, f"p{pid}", f"p{pid}", 0, "")
 
 
-class Daemon:
-    """`nfacct run --netns NS` as a real process in the root namespace."""
-
-    def __init__(self, netns: str, tmp_path, *extra: str, db: str | None = None):
-        self.control = str(tmp_path / "control.sock")
-        self.db = db or str(tmp_path / "nfacct.db")
-        self.log = tmp_path / "daemon.log"
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "nfacct",
-                    "run",
-                    "--netns",
-                    netns,
-                    "--control",
-                    self.control,
-                    "--db",
-                    self.db,
-                    *extra,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited early: {self.log.read_text()}")
-            try:
-                control.request(self.control, "ping", timeout=1)
-                return
-            except control.ControlError:
-                time.sleep(0.05)
-        self.proc.kill()
-        self.proc.wait()
-        raise RuntimeError("daemon did not come up")
-
-    def cli(self, *args: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "nfacct", *args, "--control", self.control],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-
-    def top(self) -> list[dict]:
-        return json.loads(self.cli("top", "--json", "--once"))
-
-    def status(self) -> dict:
-        return json.loads(self.cli("status", "--json"))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def lab():
+    need_root()
     with Lab() as lab:
         yield lab
 
@@ -181,9 +153,7 @@ def daemons():
     started: list[Daemon] = []
     yield started
     for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-        d.proc.wait()
+        d.kill()
 
 
 @pytest.fixture

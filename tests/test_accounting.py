@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from nfacct.lab import ACCT_V4, ACCT_V6, PEER_V4, PEER_V6
+from lab.hosts import ACCT_V4, ACCT_V6, PEER_V4, PEER_V6
 from nfacct.tables import COUNTER_NAMES
 
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import pytest
 from conftest import exited_rows, free_port
 
+from lab.hosts import PEER_V4
 from nfacct import control
-from nfacct.lab import PEER_V4
 from nfacct.tables import COUNTER_NAMES
 
 IPERF_PORT = free_port()

@@ -17,12 +17,13 @@ import sys
 import threading
 import time
 
-from conftest import Daemon, count_port, kernel, send
+from conftest import count_port, kernel, send
 
+from lab.daemon import Daemon
+from lab.hosts import ACCT_V4, PEER_V4, Counters, Lab
 from nfacct import claim, control
 from nfacct.claim import Claim
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL
-from nfacct.lab import ACCT_V4, PEER_V4, Counters, Lab
 from nfacct.rules import Rules
 
 
@@ -222,7 +223,7 @@ def test_short_connections_to_a_local_server_count_for_the_server(lab, counters,
     procs.append(server)
     assert json.loads(server.stdout.readline())["ready"]
     flows = ["flows", "--connect", ACCT_V4, "--port", str(p), "--count", "1000"]
-    assert json.loads(lab.run(lab.peer, ["python3", "-m", "nfacct.lab", *flows]).stdout)["flows"] == 1000
+    assert json.loads(lab.run(lab.peer, ["python3", "-m", "lab.roles", *flows]).stdout)["flows"] == 1000
     expected = kernel(counters, "tcp", p)
     assert ours_once_settled(daemon, server.pid, expected) == expected
     assert expected["tcprcvpacks"] >= 5000

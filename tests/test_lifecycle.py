@@ -10,9 +10,10 @@ import subprocess
 import time
 
 import pytest
-from conftest import Daemon, count_port, exited_rows, kernel, send
+from conftest import count_port, exited_rows, kernel, send
 
-from nfacct.lab import PEER_V4
+from lab.daemon import Daemon
+from lab.hosts import PEER_V4
 from nfacct.tables import COUNTER_NAMES
 
 
@@ -174,7 +175,7 @@ def test_a_reused_udp_port_counts_for_its_new_owner(lab, counters, tmp_path, por
         assert a.wait(timeout=5) == 0
         time.sleep(pause)
         argv = [*client, "--size", "100", "--rounds", "5"]
-        second = json.loads(lab.run(lab.acct, ["python3", "-m", "nfacct.lab", *argv]).stdout)["pid"]
+        second = json.loads(lab.run(lab.acct, ["python3", "-m", "lab.roles", *argv]).stdout)["pid"]
         each = {first: (1, 1), second: (5, 5)}
         kernel_total = kernel(counters, "udp", sport)
         assert kernel_total["udpsndpacks"] == sum(n for n, _ in each.values())

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from nfacct.lab import PEER_V4
+from lab.hosts import PEER_V4
 
 SEND_RAW = r"""
 import socket, struct, sys

@@ -13,14 +13,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import Daemon, count_port, exited_rows, kernel, until
+from conftest import count_port, exited_rows, kernel, need_root, until
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
+from lab.daemon import Daemon
+from lab.hosts import PEER_V4
 from nfacct import text
 from nfacct.display import print_tasks
-from nfacct.lab import PEER_V4
 from nfacct.procs import process_facts
 from nfacct.tables import COUNTER_NAMES
 
@@ -51,6 +52,7 @@ def no_raw_bytes(out: bytes) -> None:
 def hostile_cgroup():
     """A cgroup v2 directory named with bytes that are not UTF-8: (its cgroup.procs, its path as
     /proc/PID/cgroup shows it)."""
+    need_root()
     with open("/proc/self/mountinfo", "rb") as f:
         mounts = [line.split() for line in f]
     found = [(m[4], m[3]) for m in mounts if m[m.index(b"-") + 1] == b"cgroup2"]

@@ -16,10 +16,11 @@ import subprocess
 import time
 
 import pytest
-from conftest import Daemon, count_port, exited_rows, facts, kernel, udp_out, until
+from conftest import count_port, exited_rows, facts, kernel, udp_out, until
 
+from lab.daemon import Daemon
+from lab.hosts import PEER_V4
 from nfacct.engine import Engine
-from nfacct.lab import PEER_V4
 from nfacct.resolver import Answer
 from nfacct.tables import COUNTER_NAMES, SockInfo
 
@@ -47,7 +48,7 @@ def wait_seen_exit(daemon: Daemon, pid: int) -> None:
 
 
 class Holder:
-    """A `holder` process (nfacct.lab): a command line in, one JSON line out."""
+    """A `holder` process (lab/roles.py): a command line in, one JSON line out."""
 
     def __init__(self, stdin, stdout, popen: subprocess.Popen | None = None):
         self.stdin, self.stdout, self.popen = stdin, stdout, popen

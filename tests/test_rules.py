@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nfacct.lab import PEER_V4, Counters, Lab
+from lab.hosts import PEER_V4, Counters, Lab
 from nfacct.rules import DAEMON_MARK, Rules, RulesError, render_nft
 
 
@@ -117,7 +117,7 @@ def test_traffic_flows_through_installed_rules_without_a_daemon(fresh_lab):
                 "10",
                 os.sys.executable,
                 "-m",
-                "nfacct.lab",
+                "lab.roles",
                 "client",
                 "--connect",
                 PEER_V4,

@@ -9,10 +9,10 @@ import sys
 
 from conftest import count_port, kernel, send, until
 
+from lab.hosts import Lab
 from nfacct import claim
 from nfacct.control import ControlError
 from nfacct.control import request as control_request
-from nfacct.lab import Lab
 from nfacct.queue import Queue
 from nfacct.rules import Rules
 

@@ -15,8 +15,8 @@ import time
 import traceback
 
 import pytest
-from conftest import Daemon
 
+from lab.daemon import Daemon
 from nfacct.store import SCHEMA_VERSION, Store
 from nfacct.tables import COUNTER_NAMES
 
@@ -120,6 +120,7 @@ def test_existing_files_become_root_only_before_they_are_written(tmp_path):
 # ---- history: read only, root only --------------------------------------------------------------
 
 
+@pytest.mark.root  # as_nobody changes user
 @pytest.mark.parametrize("where", ["nfacct/nfacct.db", "nfacct.db"], ids=["store's directory", "file mode"])
 def test_history_by_another_user_is_one_clear_line(shared_dir, where):
     db = os.path.join(shared_dir, where)

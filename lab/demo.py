@@ -1,4 +1,5 @@
-"""`make demo`: account sample traffic in a throwaway namespace pair and print the result.
+"""`make demo` (`python -m lab.demo`): account sample traffic in a throwaway namespace pair and
+print the result.
 
 Everything happens inside two fresh network namespaces; the root namespace is never touched,
 and the namespaces, rules, daemon and traffic processes are all gone when this exits.
@@ -12,16 +13,15 @@ import sys
 import tempfile
 import time
 
-from . import control
-from .display import print_status, print_tasks
-from .lab import ACCT_V4, PEER_V4, PEER_V6, Lab, stop_all
-from .rules import Rules
+from lab.daemon import Daemon
+from lab.hosts import ACCT_V4, PEER_V4, PEER_V6, Lab, stop_all
+from nfacct.display import print_status, print_tasks
+from nfacct.rules import Rules
 
 
 def main() -> int:
     started: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="nfacct-demo-") as tmp, Lab("nfdemo") as lab:
-        ctl = f"{tmp}/control.sock"
         rules = Rules(lab.acct)
         try:
             backend = rules.install()
@@ -29,27 +29,9 @@ def main() -> int:
                 f"namespaces {lab.acct} (accounted, {ACCT_V4}) and {lab.peer} ({PEER_V4}); "
                 f"queue rules via {backend}"
             )
-            daemon = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "nfacct",
-                    "run",
-                    "--netns",
-                    lab.acct,
-                    "--control",
-                    ctl,
-                    "--db",
-                    f"{tmp}/nfacct.db",
-                ]
-            )
-            started.append(daemon)
-            for _ in range(100):
-                try:
-                    control.request(ctl, "ping", timeout=1)
-                    break
-                except control.ControlError:
-                    time.sleep(0.05)
+            # Its warnings, if any, on our terminal; everything else is in `tmp`, removed at exit.
+            daemon = Daemon(lab.acct, tmp, log=None)
+            started.append(daemon.proc)
 
             def role(ns: str, *args: str) -> dict:
                 p = lab.role(ns, *args)
@@ -116,8 +98,8 @@ def main() -> int:
             )
             role(lab.peer, "sender", "--connect", ACCT_V4, "--port", "8003", "--count", "25", "--hold")
             time.sleep(0.5)
-            print_tasks(control.request(ctl, "top")["tasks"])
-            print_status(control.request(ctl, "status"))
+            print_tasks(daemon.request("top")["tasks"])
+            print_status(daemon.request("status"))
             print("Try it on a host: see README.md (nfacct rules install; nfacct run; nfacct top).")
         finally:
             stop_all(started)
