@@ -1,0 +1,132 @@
+"""What both backends share: running commands in the namespace, nft's JSON view of its rules, and
+the small interface a backend implements.
+
+Each chain a backend installs is: mark → return, a counting rule, the queue rule. The counting
+rule is the kernel's own count of every packet sent towards the queue; the daemon compares it with
+what it received to report packets that passed unaccounted (fail-open or no daemon bound). It is a
+rule of its own so that a takeover can repoint the queue rule without resetting the count.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .. import netns
+
+DAEMON_MARK = 0x6E666163  # "nfac": packets from the daemon's own sockets are not queued
+COUNT_COMMENT = "nfacct-queued"
+VERDICTS = ("queue", "accept", "return", "drop", "jump", "goto")
+
+
+class RulesError(Exception):
+    """Installing, removing or showing the ruleset failed; the message is one line for the user."""
+
+
+class QueueRule(NamedTuple):
+    family: str
+    chain: str
+    handle: int | None  # None for iptables-nft, which addresses its rules by position
+    queue: int
+
+
+class Namespace:
+    """Runs commands in one network namespace (None: the namespace we run in)."""
+
+    def __init__(self, name: str | None):
+        self.name = name
+
+    def run(
+        self, argv: list[str], check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            netns.command(argv, self.name), input=stdin, capture_output=True, text=True, check=False
+        )
+        if check and proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RulesError(f"{' '.join(argv[:3])} failed: {detail[-1] if detail else proc.returncode}")
+        return proc
+
+    def succeeds(self, argv: list[str]) -> bool:
+        return self.run(argv, check=False).returncode == 0
+
+    def nft(self, script: str) -> None:
+        """Apply an nft script, given on stdin, as one transaction; an empty one is nothing to do."""
+        if script:
+            self.run(["nft", "-f", "-"], stdin=script)
+
+    def rules(self) -> list[dict]:
+        """Every rule in the namespace, as `nft -j list ruleset` describes it."""
+        items = json.loads(self.run(["nft", "-j", "list", "ruleset"]).stdout)["nftables"]
+        return [item["rule"] for item in items if "rule" in item]
+
+
+def is_count_rule(rule: dict) -> bool:
+    """A rule that counts and decides nothing (an xt target, such as NFQUEUE, is a verdict too)."""
+    return not any(
+        any(v in e for v in VERDICTS) or e.get("xt", {}).get("type") == "target" for e in rule["expr"]
+    ) and any("counter" in e for e in rule["expr"])
+
+
+def first_per_chain(rules: list[QueueRule]) -> list[QueueRule]:
+    """The queue rule each chain reaches first, the one that takes its packets."""
+    firsts: dict[tuple[str, str], QueueRule] = {}
+    for rule in rules:
+        firsts.setdefault((rule.family, rule.chain), rule)
+    return list(firsts.values())
+
+
+class Backend(ABC):
+    """One way of installing the queue rules; the face (`Rules`) picks one and moves queues."""
+
+    name: str  # as `--backend` and `rules show` call it
+    chains: int  # how many chains a complete install has, each with one counting and one queue rule
+
+    def __init__(self, ns: Namespace):
+        self.ns = ns
+
+    @abstractmethod
+    def owns(self, rule: dict) -> bool:
+        """Whether a rule of `Namespace.rules()` is in one of this backend's chains."""
+
+    @abstractmethod
+    def install(self, queue: int) -> None:
+        """Build the chains afresh, sending to `queue`; the caller has removed the other backend."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Remove this backend's rules and chains; absent ones are not an error."""
+
+    @abstractmethod
+    def listing(self) -> str:
+        """This backend's chains as `nft list` prints them; empty when none is installed."""
+
+    @abstractmethod
+    def queue_rules(self) -> list[QueueRule]:
+        """Every queue rule, in chain order."""
+
+    @abstractmethod
+    def add_queue(self, queue: int) -> None:
+        """Put a rule for `queue` in front of each chain's queue rules, unless it is there already."""
+
+    @abstractmethod
+    def drop_queues(self, doomed: Callable[[int], bool]) -> None:
+        """Delete the queue rules whose queue number is doomed."""
+
+    def count_rules(self, rules: list[dict]) -> list[dict]:
+        """This backend's counting rules among `rules` (read once by the caller)."""
+        return [rule for rule in rules if self.owns(rule) and is_count_rule(rule)]
+
+    def complete(self, queue: int) -> bool:
+        """Every chain holds a counting rule and exactly one queue rule, and it sends to `queue`."""
+        counted = {(rule["family"], rule["chain"]) for rule in self.count_rules(self.ns.rules())}
+        queues = self.queue_rules()
+        return (
+            len(counted) == self.chains
+            and len(queues) == self.chains
+            and all(rule.queue == queue for rule in queues)
+            and {(rule.family, rule.chain) for rule in queues} == counted
+        )
