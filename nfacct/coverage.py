@@ -68,3 +68,9 @@ class Coverage:
             return None
         self.unaccounted += missing
         return Gap(start, now, missing, reason)
+
+    def missing_now(self, counter: int, seen: int, waiting: int) -> int:
+        """Unaccounted so far, the unsettled part included: what `update` would record now,
+        without recording it (a snapshot for `status`)."""
+        pending = counter - waiting - self.covered
+        return self.unaccounted + max(0, pending - (seen - self.seen))

@@ -3,6 +3,9 @@
 `account()` is the whole per-packet path and does no I/O: it parses, finds or creates the
 flow's sockinfo and adds to whatever counter array that sockinfo points at. New flows are
 handed to the resolver; its answers are applied by `apply_answers()` in the same thread.
+
+The engine owns its tables: the daemon tells it what happened (a process exited or exec'd, a
+socket was destroyed, time passed) and asks what to write, and the tables change only here.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+from .faults import Faults
 from .packet import ICMP, ICMPV6, TCP, UDP, Malformed, parse
+from .procs import ProcessFacts
 from .resolver import Answer
-from .tables import GcConfig, SockInfo, Tables, counter_base
+from .tables import FlowKey, GcConfig, SockInfo, Tables, TaskInfo, counter_base
 
 PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 FRAGMENT_MEMORY = 4096  # first fragments remembered, to attribute the fragments that follow
@@ -20,9 +25,10 @@ _SETTLED = (SockInfo.RESOLVED, SockInfo.UNIDENTIFIED)  # no lookup in flight
 
 
 class Engine:
-    def __init__(self, submit=None, config: GcConfig | None = None):
+    def __init__(self, submit=None, config: GcConfig | None = None, faults: Faults | None = None):
         """`submit(key, ifindex)` receives each flow whose owner must be looked up."""
         self.tables = Tables(config)
+        self.faults = faults or Faults()
         self.submit = submit or (lambda key, ifindex: None)
         self.packets = 0
         self.errors = 0
@@ -94,6 +100,11 @@ class Engine:
         c[slot + 1] += p.length
         return asked
 
+    def failed(self, exc: Exception) -> None:
+        """`account` raised (a bug): the packet had its verdict; count it, log the kind once."""
+        self.errors += 1
+        self.faults.record("engine", exc)
+
     def apply_answers(self, answers: list[Answer]) -> None:
         tables = self.tables
         for answer in answers:
@@ -120,3 +131,60 @@ class Engine:
             **self.tables.status(),
             "errors": self.errors,
         }
+
+    # ---- what happens to processes and sockets (the daemon's events) -------------------------
+
+    def process_exited(self, tgid: int, now: float) -> None:
+        task = self.tables.running.get(tgid)
+        if task is not None:
+            self.tables.exited(task, now)
+
+    def is_running(self, tgid: int) -> bool:
+        return tgid in self.tables.running
+
+    def process_execed(self, facts: ProcessFacts) -> None:
+        """A running process exec'd: it keeps its counts under its new name."""
+        task = self.tables.running.get(facts.pid)
+        if task is not None and abs(facts.btime - task.btime) < 0.01:
+            task.comm, task.cmdline = facts.comm, facts.cmdline
+
+    def running_tasks(self) -> list[TaskInfo]:
+        return list(self.tables.running.values())
+
+    def socket_closed(self, proto: int, local: bytes, lport: int, remote: bytes, rport: int) -> None:
+        self.tables.closed(proto, local, lport, remote, rport)
+
+    def close_all_but(self, live: set[tuple[int, int]]) -> None:
+        self.tables.close_all_but(live)
+
+    def gc(self, now: float | None = None) -> None:
+        self.tables.gc(now)
+
+    # ---- what to show and to write -------------------------------------------------------------
+
+    def top(self) -> list[dict]:
+        """Every task, running ones first, biggest talkers first."""
+        tasks = sorted(self.tables.tasks.values(), key=lambda t: (t.exit_time is not None, -t.total))
+        return [{**t.as_dict(), "exit_time": t.exit_time} for t in tasks]
+
+    def exited_unwritten(self, now: float, grace: float) -> list[TaskInfo]:
+        """Exited tasks past their grace whose counters changed since they were last written."""
+        return [
+            t
+            for t in self.tables.tasks.values()
+            if t.exit_time is not None and now - t.exit_time >= grace and t.saved != t.counters
+        ]
+
+    def running_unwritten(self) -> list[TaskInfo]:
+        """Running tasks whose counters changed since the last checkpoint."""
+        return [t for t in self.tables.running.values() if t.checkpointed != t.counters]
+
+    def restore(self, task: TaskInfo) -> None:
+        """Take back a running task from a checkpoint: its counters continue."""
+        self.tables.restore(task)
+
+    def export(self) -> dict:
+        return self.tables.export()
+
+    def load(self, state: dict) -> list[FlowKey]:
+        return self.tables.load(state)

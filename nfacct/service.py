@@ -1,6 +1,10 @@
-"""The accounting daemon: one event loop over the queue, process and socket events, the control
-socket, timers and signals. Runs in the root namespace (the proc connector only works there);
-with `netns` its queue and sock_diag sockets live in that namespace instead.
+"""The accounting daemon: how it starts, and its one event loop over the queue, process and
+socket events, the control socket, timers and signals. Runs in the root namespace (the proc
+connector only works there); with `netns` its queue and sock_diag sockets live in that namespace.
+
+The rooms it stands on: `engine` (packets, tables and their state), `resolver` (owner lookups),
+`persistence` (SQLite and the coverage ledger), `takeover` (replacing a running daemon),
+`claim` (one daemon per namespace), `control` (the control socket).
 """
 
 from __future__ import annotations
@@ -16,20 +20,20 @@ from dataclasses import dataclass, field
 
 from netfilterqueue import Packet
 
-from . import claim, control
+from . import control, takeover
 from .claim import Claim, ClaimError
-from .coverage import NOT_COUNTING, Coverage
 from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
+from .persistence import Persistence
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
 from .resolver import Resolver
 from .rules import Rules, RulesError, takeover_pair
 from .sockdiag import ALL_STATES, DestroyEvents, SockDiag, SockDiagError
 from .store import DEFAULT_DB, Store
-from .tables import COUNTER_NAMES, GcConfig, TaskInfo
+from .tables import HANDOVER_FORMAT, GcConfig
 
 log = logging.getLogger("nfacct")
 
@@ -70,8 +74,8 @@ class Service:
         self._handing_over = False
         self._held: list[Packet] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
+        self._seen_overruns = 0  # proc connector overruns already answered by a liveness poll
         self.faults = Faults()
-        self._pending_gaps: list[dict] = []  # unaccounted gaps whose write failed; retried
         self._resources = contextlib.ExitStack()  # closed in reverse order by close()
         self._undo = contextlib.ExitStack()  # what only a failed start takes back
         self._sel = selectors.DefaultSelector()
@@ -106,10 +110,12 @@ class Service:
         self.sockdiag = SockDiag(cfg.netns)
         self._resources.callback(self.sockdiag.close)
         self.resolver = Resolver(self.sockdiag)
-        self.engine = Engine(submit=self.resolver.submit, config=cfg.gc)
+        self.engine = Engine(submit=self.resolver.submit, config=cfg.gc, faults=self.faults)
         # Opened before the queue moves: its integrity check and migration (1.3 s for 93 MB
         # from a cold disk) must not hold the packets a takeover's new queue collects.
-        self.store = self._open_store()
+        self.store = Store(cfg.db_path)
+        self._undo.callback(self.store.discard)  # a failed start leaves no empty database behind
+        self._resources.callback(self.store.close)
         self.events: ProcConnector | None = None
         self.events_mode = "polling /proc (disabled by --no-proc-connector)"
         if cfg.proc_connector:
@@ -132,9 +138,16 @@ class Service:
             self.rules = Rules(cfg.netns)
         except RulesError as e:
             self.rules_problem = str(e)
+        try:
+            self._start(cfg)
+        except takeover.TakeoverError as e:
+            raise ServiceError(str(e)) from None
+
+    def _start(self, cfg: ServiceConfig) -> None:
         if cfg.takeover:
-            first, second = takeover_pair(cfg.queue)
-            number = second if self._predecessor_queue() == first else first
+            number = takeover.successor_queue(
+                cfg.control_path, cfg.netns, self.rules, self.rules_problem, cfg.queue
+            )
         else:
             self._listen()  # refuses at once if another daemon answers here
             number = cfg.queue
@@ -150,13 +163,17 @@ class Service:
                 move.callback(self._drop_queue_quietly, number)
                 log.info("queue rules now send to queue %d (were %s)", number, sorted(queues))
             if cfg.takeover:
-                handed = self._handover()
+                handed = takeover.request_handover(cfg.control_path)
                 self._claim(wait=5.0)  # the predecessor lets go as it exits
                 self._listen()
             if queues - {number}:
                 self.rules.drop_queues_except(number)
             move.pop_all()
-        self._restore(counter_at_start, handed)
+        self.persistence = Persistence(
+            self.store, self.engine, cfg.coverage_key, self._queued, self._waiting, cfg.exit_grace
+        )
+        for key in self.persistence.restore(counter_at_start, handed):
+            self.resolver.submit(key, 0)
 
     def _drop_queue_quietly(self, number: int) -> None:
         with contextlib.suppress(RulesError):
@@ -170,103 +187,26 @@ class Service:
         self._resources.callback(held.release)
         self._undo.callback(remove_dirs, held.created_dirs)
 
-    def _open_store(self) -> Store:
-        store = Store(self.config.db_path)
-        self._undo.callback(store.discard)  # a failed start leaves no empty database behind
-        self._resources.callback(store.close)
-        return store
-
     def _listen(self) -> None:
         self.control = control.Server(self.config.control_path, self.handle, self._sel, self.faults)
         self._resources.callback(self.control.close)
         self._undo.callback(remove_dirs, self.control.created_dirs)
 
-    def _predecessor_queue(self) -> int:
-        """The queue the running daemon reads (where the rules point), checked before anything changes."""
-        cfg = self.config
-        control.request(cfg.control_path, "ping")  # ControlError names the path if nobody answers
-        held = claim.holder(cfg.netns)
-        if held is None or held.get("control") != os.path.abspath(cfg.control_path):
-            accounted = f"accounted by pid {held['pid']} at {held['control']}" if held else "not accounted"
-            raise ServiceError(
-                f"--takeover replaces the daemon of {cfg.netns or 'this namespace'}, but the namespace is"
-                f" {accounted}, not by the daemon at {cfg.control_path}"
-            )
-        queues = self.rules.queue_rules() if self.rules is not None else []
-        if not queues:
-            raise ServiceError(f"--takeover needs the nfacct rules installed ({self.rules_problem})")
-        return queues[0][-1]
-
-    def _handover(self) -> dict:
-        """Ask the predecessor to drain its queue, flush everything to the database, hand us
-        its tables and exit. Returns the tables.
-
-        Meanwhile our queue holds the packets the moved rules send us; we read them once the
-        predecessor has counted its last one, so every packet is counted exactly once, and
-        flows keep their owners even if the owner exited in between.
-        """
-        path = self.config.control_path
-        answer = control.request(path, "handover", timeout=60)
-        deadline = time.monotonic() + 10
-        while os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.01)  # the predecessor removes its control socket last, as it exits
-        if not os.path.exists(path):
-            return answer["tables"]
-        raise ServiceError(f"the daemon at {path} (pid {answer.get('pid')}) did not exit after handover")
-
     def _queued(self) -> int | None:
+        """The counting rule's packets (None without rules), for the coverage ledger."""
         if self.rules is None:
             return None
         try:
             return self.rules.queued_packets()
         except RulesError as e:
-            log.warning("cannot read the queue rules' counter: %s", e)
+            self.faults.record("reading the counting rule", e)
             return None
 
     def _waiting(self) -> int:
         """Packets queued for us or a predecessor and not yet read."""
+        others = set(takeover_pair(self.config.queue)) - {self.queue.number}
         stats = self.queue.all_kernel_stats()
-        return sum(s.waiting for n, s in stats.items() if n in (self.queue.number, *self._other_queues))
-
-    @property
-    def _other_queues(self) -> tuple[int, ...]:
-        return tuple(set(takeover_pair(self.config.queue)) - {self.queue.number})
-
-    def _restore(self, counter_at_start: int | None, handed: dict | None = None) -> None:
-        """Continue the counts of a predecessor: its tables if it handed them over, else its
-        checkpoint; record processes that exited while we were down, and the packets that
-        passed while no daemon counted them."""
-        if handed is not None:
-            for key in self.engine.tables.load(handed):
-                self.resolver.submit(key, 0)
-        gone = []
-        for row in self.store.live() if handed is None else ():
-            task = TaskInfo(
-                row["pid"],
-                row["btime"],
-                row["command"],
-                row["cmdline"],
-                row["uid"],
-                row["cgroup"] or "",
-                [row[c] for c in COUNTER_NAMES],
-            )
-            task.checkpointed = list(task.counters)
-            if is_alive(task.pid, task.btime):
-                self.engine.tables.restore(task)
-            else:
-                task.exit_time = row["checkpoint_time"]  # the latest moment we know it ran
-                gone.append(task.row())
-        self.store.save_exited(gone)
-        self.coverage: Coverage | None = None
-        counter = self._queued()
-        if counter is None:
-            return
-        covered = self.store.state(self.config.coverage_key)
-        if covered is None:  # the first daemon here: nothing before our bind is ours to claim
-            self.coverage = Coverage(counter_at_start if counter_at_start is not None else 0, time.time())
-        else:
-            self.coverage = Coverage.parse(covered)
-        self.checkpoint(reason=NOT_COUNTING)
+        return sum(s.waiting for n, s in stats.items() if n in (self.queue.number, *others))
 
     # ---- per packet ---------------------------------------------------------------------------
 
@@ -275,8 +215,7 @@ class Service:
         try:
             asked = self.engine.account(pkt.get_payload(), outgoing, pkt.outdev if outgoing else pkt.indev)
         except Exception as e:  # a bug must cost one packet's attribution, never its verdict
-            self.engine.errors += 1
-            self.faults.record("engine", e)
+            self.engine.failed(e)
             asked = False
         # The verdict goes at once, with one exception: a packet out of here that made its flow's
         # owner be looked up waits for that first lookup, right after this batch. Its sender
@@ -297,34 +236,29 @@ class Service:
     # ---- events -------------------------------------------------------------------------------
 
     def _on_proc_events(self) -> None:
-        tables = self.engine.tables
         now = time.time()
         for ev in self.events.read():
-            if ev.kind == "exit":
-                task = tables.running.get(ev.tgid)
-                if task is not None and ev.pid == ev.tgid:
-                    tables.exited(task, now)
+            if ev.kind == "exit" and ev.pid == ev.tgid:  # the group leader: the process
+                self.engine.process_exited(ev.tgid, now)
             elif ev.kind == "fork":
                 self.resolver.index.note_new_process(ev.tgid)
-            elif ev.kind == "exec":
-                task = tables.running.get(ev.tgid)
-                facts = process_facts(ev.tgid) if task is not None else None
-                if facts is not None and abs(facts.btime - task.btime) < 0.01:
-                    task.comm, task.cmdline = facts.comm, facts.cmdline
-        if self.events.overruns:
+            elif ev.kind == "exec" and self.engine.is_running(ev.tgid):
+                facts = process_facts(ev.tgid)
+                if facts is not None:
+                    self.engine.process_execed(facts)
+        if self.events.overruns > self._seen_overruns:
+            self._seen_overruns = self.events.overruns
             self._poll_liveness()  # events were lost: check every task once
 
     def _on_destroy_events(self) -> None:
-        tables = self.engine.tables
         for proto, e in self.destroy.read():
-            tables.closed(proto, e.local, e.lport, e.remote, e.rport)
+            self.engine.socket_closed(proto, e.local, e.lport, e.remote, e.rport)
 
     def _poll_liveness(self) -> None:
-        tables = self.engine.tables
         now = time.time()
-        for task in list(tables.running.values()):
+        for task in self.engine.running_tasks():
             if not is_alive(task.pid, task.btime):
-                tables.exited(task, now)
+                self.engine.process_exited(task.pid, now)
 
     def _dump_closed(self) -> None:
         live = set()
@@ -333,53 +267,16 @@ class Service:
                 for e in self.sockdiag.dump(family, proto, ALL_STATES):
                     if e.inode:
                         live.add((proto, e.lport))
-        self.engine.tables.close_all_but(live)
-
-    # ---- persistence --------------------------------------------------------------------------
-
-    def persist_exited(self, grace: float | None = None) -> None:
-        """Write exited tasks (again, if late packets changed them) once their grace has passed."""
-        grace = self.config.exit_grace if grace is None else grace
-        now = time.time()
-        rows, done = [], []
-        for task in self.engine.tables.tasks.values():
-            if task.exit_time is not None and now - task.exit_time >= grace and task.saved != task.counters:
-                rows.append(task.row())
-                done.append(task)
-        if rows:
-            self.store.save_exited(rows)
-            for task in done:
-                task.saved = list(task.counters)
-
-    def checkpoint(self, reason: str | None = None) -> None:
-        """Write live totals, exited processes still in their grace, and what went unaccounted."""
-        self.persist_exited(grace=0.0)  # late packets rewrite them later; a crash must not lose them
-        state = {}
-        counter = self._queued() if self.coverage is not None else None
-        if counter is not None:
-            extra = {"reason": reason} if reason else {}
-            gap = self.coverage.update(counter, self.engine.packets, self._waiting(), time.time(), **extra)
-            if gap is not None:
-                log.warning("%d packets passed unaccounted: %s", gap.packets, gap.reason)
-                self._pending_gaps.append(gap.as_dict())
-            state[self.config.coverage_key] = self.coverage.state(self.engine.packets)
-        changed = [t for t in self.engine.tables.running.values() if t.checkpointed != t.counters]
-        self.store.checkpoint([t.row() for t in changed], self._pending_gaps, state)
-        self._pending_gaps = []
-        for t in changed:
-            t.checkpointed = list(t.counters)
+        self.engine.close_all_but(live)
 
     # ---- control ------------------------------------------------------------------------------
 
-    def handle(self, cmd: str) -> dict:
+    def handle(self, cmd: str) -> dict | object:
         if cmd == "ping":
-            return {"ok": True}
+            return {"ok": True, "handover_format": HANDOVER_FORMAT}
         self.engine.apply_answers(self.resolver.work())
         if cmd == "top":
-            tasks = sorted(
-                self.engine.tables.tasks.values(), key=lambda t: (t.exit_time is not None, -t.total)
-            )
-            return {"time": time.time(), "tasks": [{**t.as_dict(), "exit_time": t.exit_time} for t in tasks]}
+            return {"time": time.time(), "tasks": self.engine.top()}
         if cmd == "status":
             return self.status()
         if cmd == "handover":
@@ -397,16 +294,6 @@ class Service:
             # lost to a full socket buffer (and, with FAIL_OPEN, accepted without accounting).
             queue["missed"] = kernel.id_sequence - self.engine.packets
         queue["maxlen"] = self.queue.maxlen
-        coverage = {"rules": self.rules_problem if self.coverage is None else "counting rule found"}
-        counter = self._queued() if self.coverage is not None else None
-        if counter is not None:
-            # Not settled here (that is the checkpoint's job): a snapshot of what is missing now.
-            pending = counter - self._waiting() - self.coverage.covered
-            coverage.update(
-                queued_by_kernel=counter,
-                unaccounted=self.coverage.unaccounted
-                + max(0, pending - (self.engine.packets - self.coverage.seen)),
-            )
         cfg = self.config
         return {
             "pid": os.getpid(),
@@ -416,7 +303,7 @@ class Service:
             "uptime": time.time() - self.started,
             "engine": self.engine.status(),
             "queue": queue,
-            "coverage": coverage,
+            "coverage": self.persistence.coverage_status(self.rules_problem),
             "resolver": {
                 "in_flight": self.resolver.in_flight,
                 "resolved": self.resolver.resolved,
@@ -484,9 +371,9 @@ class Service:
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
-            self.checkpoint()
+            self.persistence.checkpoint()
             if self.control.held:
-                tables = self.engine.tables.export()
+                tables = self.engine.export()
                 for conn in self.control.held:
                     control.answer(conn, {"ok": True, "pid": os.getpid(), "tables": tables})
                 self.control.held = []
@@ -529,10 +416,10 @@ class Service:
         cfg = self.config
         now = time.monotonic()
         for job, period, work in (
-            ("persist", PERSIST_TICK, self.persist_exited),
+            ("persist", PERSIST_TICK, self.persistence.persist_exited),
             ("poll", cfg.poll_interval, self._poll_liveness),
             ("gc", cfg.gc.cycle, self._gc),
-            ("checkpoint", cfg.checkpoint_interval, self.checkpoint),
+            ("checkpoint", cfg.checkpoint_interval, self.persistence.checkpoint),
         ):
             if job in due and now >= due[job]:
                 due[job] = now + period
@@ -546,7 +433,7 @@ class Service:
             if self.destroy is None:
                 self._dump_closed()
         finally:  # a failed dump must not cost the cycle its idle and exited removals
-            self.engine.tables.gc()
+            self.engine.gc()
 
     def close(self) -> None:
         self._resources.close()

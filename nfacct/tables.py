@@ -275,10 +275,11 @@ class Tables:
             "unidentified": dict(zip(COUNTER_NAMES, self.unidentified, strict=True)),
         }
 
-    # ---- handover: the whole table state, for a successor daemon (see service.Service) ---------
+    # ---- handover: the whole table state, for a successor daemon (see nfacct.takeover) ---------
 
     def export(self) -> dict:
-        """Tasks and sockinfos as JSON-ready data; counters a sockinfo shares are not repeated."""
+        """Tasks and sockinfos as JSON-ready data, in HANDOVER_FORMAT; counters a sockinfo shares
+        with its task are not repeated."""
         tasks = list(self.tasks.values())
         index = {id(t): i for i, t in enumerate(tasks)}
         socks = []
@@ -286,16 +287,17 @@ class Tables:
             proto, local, lport, remote, rport = si.key
             own = si.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK)
             socks.append(
-                [
-                    [proto, local.hex(), lport, remote.hex(), rport],
-                    si.state,
-                    si.counters if own else None,
-                    index[id(si.task)] if si.task is not None else None,
-                    si.last_seen,
-                    si.closed,
-                ]
+                {
+                    "key": [proto, local.hex(), lport, remote.hex(), rport],
+                    "state": si.state,
+                    "counters": si.counters if own else None,
+                    "task": index[id(si.task)] if si.task is not None else None,
+                    "last_seen": si.last_seen,
+                    "closed": si.closed,
+                }
             )
         return {
+            "format": HANDOVER_FORMAT,
             "tasks": [{**vars(t), "socks": None} for t in tasks],
             "socks": socks,
             "unidentified": self.unidentified,
@@ -303,6 +305,7 @@ class Tables:
 
     def load(self, state: dict) -> list[FlowKey]:
         """Take over an exported state; returns the flows whose owner must (again) be looked up."""
+        check_handover_format(state.get("format", 1))
         tasks = []
         for d in state["tasks"]:
             task = TaskInfo(**{**d, "socks": set()})
@@ -310,20 +313,40 @@ class Tables:
             tasks.append(task)
         add_counters(self.unidentified, state["unidentified"])
         lookups = []
-        for (proto, local, lport, remote, rport), st, counters, task_i, last_seen, closed in state["socks"]:
+        for d in state["socks"]:
+            proto, local, lport, remote, rport = d["key"]
             key = (proto, bytes.fromhex(local), lport, bytes.fromhex(remote), rport)
-            si = self.add_sock(key, last_seen)
-            si.closed = closed
-            si.task = tasks[task_i] if task_i is not None else None
+            si = self.add_sock(key, d["last_seen"])
+            si.closed = d["closed"]
+            si.task = tasks[d["task"]] if d["task"] is not None else None
             if si.task is not None:
                 si.task.socks.add(key)
+            st = d["state"]
             if st == SockInfo.RESOLVED:
                 si.state, si.counters = st, si.task.counters
             elif st == SockInfo.UNIDENTIFIED:
                 si.state, si.counters = st, self.unidentified
             else:  # its lookup was the predecessor's: ask again
                 si.state = SockInfo.ORPHANED if st == SockInfo.RECHECK else st
-                si.counters = counters
+                si.counters = d["counters"]
                 if st == SockInfo.PENDING:
                     lookups.append(key)
         return lookups
+
+
+# The layout of `export()`. A daemon refuses to take over tables of another format (an upgrade
+# that changes them restarts instead, and the gap is recorded); format 1 was positional lists.
+HANDOVER_FORMAT = 2
+
+
+class HandoverError(Exception):
+    """Tables handed over in a format this nfacct cannot read; one line for the user."""
+
+
+def check_handover_format(found: object) -> None:
+    if found != HANDOVER_FORMAT:
+        raise HandoverError(
+            f"the running daemon hands its tables over in format {found}, this nfacct reads format"
+            f" {HANDOVER_FORMAT}: restart it instead of --takeover (the packets passing meanwhile are"
+            " recorded as unaccounted)"
+        )

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import pytest
 from conftest import count_port, kernel, send
 
 from lab.daemon import Daemon
@@ -25,6 +26,7 @@ from nfacct import claim, control
 from nfacct.claim import Claim
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL
 from nfacct.rules import Rules
+from nfacct.tables import HANDOVER_FORMAT
 
 
 def received(daemon: Daemon, pid: int, expected: int, within: float = 5.0) -> int:
@@ -229,11 +231,13 @@ def test_short_connections_to_a_local_server_count_for_the_server(lab, counters,
     assert expected["tcprcvpacks"] >= 5000
 
 
-def test_a_failed_takeover_gives_the_queue_back(tmp_path, port, procs):
+@pytest.mark.parametrize("refusal", ["handover", "format"])
+def test_a_failed_takeover_gives_the_queue_back(tmp_path, port, procs, refusal):
     """A successor whose handover is refused takes its queue rule back and lets go of
     everything it took. The predecessor here is an impostor that holds the namespace's claim,
     answers ping and refuses the handover, in a lab of its own (the module's daemon holds the
-    claim of the shared lab)."""
+    claim of the shared lab). With `format`, it answers ping as a daemon whose tables come in
+    an older format: the successor refuses before it changes anything."""
     p = port()
     impostor_path = str(tmp_path / "impostor.sock")
     with Lab("nfto") as lab:
@@ -247,11 +251,12 @@ def test_a_failed_takeover_gives_the_queue_back(tmp_path, port, procs):
         impostor.listen(4)
 
         def answer_badly() -> None:  # answers ping, refuses the handover
-            for _ in range(2):
+            for _ in range(2 if refusal == "handover" else 1):  # a refused format asks no more
                 conn, _ = impostor.accept()
                 with conn:
                     cmd = json.loads(conn.makefile().readline())["cmd"]
-                    reply = {"ok": True} if cmd == "ping" else {"error": "handover refused"}
+                    ping = {"ok": True, "handover_format": HANDOVER_FORMAT if refusal == "handover" else 1}
+                    reply = ping if cmd == "ping" else {"error": "handover refused"}
                     conn.sendall(json.dumps(reply).encode() + b"\n")
 
         threading.Thread(target=answer_badly, daemon=True).start()
@@ -265,7 +270,13 @@ def test_a_failed_takeover_gives_the_queue_back(tmp_path, port, procs):
                 capture_output=True,
                 text=True,
             )
-            assert failed.returncode == 1 and "handover refused" in failed.stderr
+            expected = {
+                "handover": "nfacct: error: handover refused\n",
+                "format": f"nfacct: error: the running daemon hands its tables over in format 1, this nfacct"
+                f" reads format {HANDOVER_FORMAT}: restart it instead of --takeover (the packets passing"
+                " meanwhile are recorded as unaccounted)\n",
+            }
+            assert failed.returncode == 1 and failed.stderr == expected[refusal]
             assert {q for *_where, q in rules.queue_rules()} == {0}
             assert claim.holder(lab.acct)["pid"] == os.getpid(), "the claim stays with the predecessor"
             assert not os.path.exists(tmp_path / "b"), "a failed start leaves no database behind"

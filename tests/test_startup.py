@@ -10,11 +10,12 @@ import sys
 from conftest import count_port, kernel, send, until
 
 from lab.hosts import Lab
-from nfacct import claim
+from nfacct import claim, control
 from nfacct.control import ControlError
 from nfacct.control import request as control_request
 from nfacct.queue import Queue
 from nfacct.rules import Rules
+from nfacct.tables import HANDOVER_FORMAT
 
 
 def nfacct_run(netns: str, *args: str) -> subprocess.CompletedProcess:
@@ -95,7 +96,7 @@ def test_an_unusable_control_path_is_one_line(tmp_path):
 
 def answers(path: str) -> bool:
     try:
-        return control_request(path, "ping", timeout=1) == {"ok": True}
+        return control_request(path, "ping", timeout=1)["ok"]
     except ControlError:
         return False
 
@@ -122,7 +123,7 @@ def test_a_start_stopped_midway_takes_back_what_it_made(tmp_path):
                 conn, _ = impostor.accept()
                 if json.loads(conn.makefile().readline())["cmd"] == "ping":
                     with conn:
-                        conn.sendall(b'{"ok": true}\n')
+                        conn.sendall(control.encode({"ok": True, "handover_format": HANDOVER_FORMAT}))
                 else:
                     conns.append(conn)  # the handover: never answered
                     asked.set()
