@@ -33,6 +33,15 @@ class QueueRule(NamedTuple):
     queue: int
 
 
+def _reason(proc: subprocess.CompletedProcess) -> str:
+    """The line that says what went wrong: nft ends its report with the rule and a caret line
+    (`^^^^^`) under the culprit, so its `Error:` line is the one to show (without the
+    `/dev/stdin:3:2-6:` position, which names no file the user has)."""
+    lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+    errors = [line.split("Error:", 1)[1].strip() for line in lines if "Error:" in line]
+    return (errors or lines or [f"exit status {proc.returncode}"])[-1]
+
+
 class Namespace:
     """Runs commands in one network namespace (None: the namespace we run in)."""
 
@@ -46,8 +55,7 @@ class Namespace:
             netns.command(argv, self.name), input=stdin, capture_output=True, text=True, check=False
         )
         if check and proc.returncode != 0:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise RulesError(f"{' '.join(argv[:3])} failed: {detail[-1] if detail else proc.returncode}")
+            raise RulesError(f"{' '.join(argv[:3])} failed: {_reason(proc)}")
         return proc
 
     def succeeds(self, argv: list[str]) -> bool:
