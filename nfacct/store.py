@@ -9,6 +9,11 @@ file is plain SQLite in WAL mode: sqlite-utils and Datasette open it without hel
 
 Command lines are other users' secrets: the file and its -wal and -shm are root's alone (0600),
 in directories the store creates 0700. Names that are not UTF-8 are BLOBs (see `text`).
+
+Longer than most rooms (~390 lines) because opening the file safely is half of it: modes,
+read-only opening for `history` without leaving files behind, integrity check and setting a
+damaged file aside; the schema, writes and queries are the other half, and they share the
+connection and its errors.
 """
 
 from __future__ import annotations
