@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue, Packet
 
-from . import netns
+from . import netlink, netns
+from .netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NetlinkError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
@@ -27,9 +28,6 @@ NFQA_CFG_MASK = 4
 NFQA_CFG_FLAGS = 5
 NFQA_CFG_F_FAIL_OPEN = 1
 NFQA_CFG_F_GSO = 4
-NLM_F_REQUEST = 1
-NLM_F_ACK = 4
-NLMSG_ERROR = 2
 
 HOOK_LOCAL_IN = 1
 HOOK_LOCAL_OUT = 3
@@ -38,7 +36,6 @@ COPY_RANGE = 128  # enough for IPv4 options or IPv6 extension headers plus the p
 QUEUE_MAXLEN = 8192  # packets the kernel may hold for us; each pins an skb (up to 64 KiB with GSO)
 RCVBUF = 8 << 20
 
-_nlmsghdr = struct.Struct("=IHHII")
 _config_seq = 0x6E66
 
 
@@ -74,11 +71,10 @@ class KernelQueueStats:
 
 def config_message(queue: int, flags: int, mask: int, seq: int = _config_seq) -> bytes:
     nfgen = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue)
-    attrs = struct.pack("=HH", 8, NFQA_CFG_MASK) + struct.pack("!I", mask)
-    attrs += struct.pack("=HH", 8, NFQA_CFG_FLAGS) + struct.pack("!I", flags)
-    body = nfgen + attrs
+    attrs = netlink.pack_attr(NFQA_CFG_MASK, struct.pack("!I", mask))
+    attrs += netlink.pack_attr(NFQA_CFG_FLAGS, struct.pack("!I", flags))
     msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
-    return _nlmsghdr.pack(_nlmsghdr.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return netlink.pack_message(msg_type, nfgen + attrs, NLM_F_REQUEST | NLM_F_ACK, seq)
 
 
 def strip_ack(buf: bytes, seq: int) -> tuple[bytes, int | None]:
@@ -86,23 +82,21 @@ def strip_ack(buf: bytes, seq: int) -> tuple[bytes, int | None]:
 
     Returns the remaining bytes and the errno of the answer (0 for an ACK, None if absent).
     """
-    off, result = 0, None
-    while off + _nlmsghdr.size <= len(buf):
-        length, msg_type, _flags, msg_seq, _pid = _nlmsghdr.unpack_from(buf, off)
-        if length < _nlmsghdr.size:
-            break
-        if msg_type == NLMSG_ERROR and msg_seq == seq:
-            # The kernel answers 0 or a negative errno above -4096. An answer too short to hold
-            # one (struct.error) or holding anything else (os.strerror() raises OverflowError on
-            # INT_MIN) is a malformed answer: EBADMSG, which _set_flags reports as a QueueError.
-            err = errno.EBADMSG
-            if length >= _nlmsghdr.size + 4 and off + _nlmsghdr.size + 4 <= len(buf):
-                (err,) = struct.unpack_from("=i", buf, off + _nlmsghdr.size)
-            result = -err if -4096 < err <= 0 else errno.EBADMSG
-            buf = buf[:off] + buf[off + ((length + 3) & ~3) :]
-            continue
-        off += (length + 3) & ~3
-    return buf, result
+    kept: list[bytes] = []
+    result, off = None, 0
+    # Partial messages too: an answer cut short is still the answer, a malformed one.
+    for m in netlink.messages(buf, partial=True):
+        if m.type == NLMSG_ERROR and m.seq == seq:
+            span = netlink.message_span(m)
+            kept.append(buf[off : span.start])
+            off = span.stop
+            # A malformed answer (too short to hold an errno, or holding something else) is
+            # EBADMSG, which _set_flags reports as a QueueError.
+            try:
+                result = netlink.error_code(buf, m)
+            except NetlinkError:
+                result = errno.EBADMSG
+    return b"".join([*kept, buf[off:]]), result
 
 
 class _AckCatcher:

@@ -17,6 +17,7 @@ import heapq
 import time
 from dataclasses import dataclass
 
+from .faults import Faults
 from .packet import TCP, UDP
 from .procs import ProcessFacts, SocketIndex, process_facts
 from .sockdiag import TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, SockDiag
@@ -53,15 +54,17 @@ class Answer:
 
 
 class Resolver:
-    def __init__(self, sockdiag: SockDiag, index: SocketIndex | None = None):
+    def __init__(self, sockdiag: SockDiag, index: SocketIndex | None = None, faults: Faults | None = None):
         self.sockdiag = sockdiag
-        self.index = index or SocketIndex()
+        # Not `or`: an empty SocketIndex is falsy (it has a length) and would be replaced.
+        self.index = index if index is not None else SocketIndex()
+        self.faults = faults if faults is not None else Faults()  # the daemon passes its own
         self._new: list[tuple[FlowKey, int]] = []
         self._retries: list[tuple[float, int, FlowKey, int]] = []  # (due, attempt, key, ifindex)
         self.resolved = 0
         self.gave_up = 0
         self.by_listener = 0  # closed accepted connections given to the listening socket's owner
-        self.errors = 0
+        self.errors = 0  # failed attempts (a sock_diag error answer, /proc...): retried like misses
 
     @property
     def in_flight(self) -> int:
@@ -109,8 +112,9 @@ class Resolver:
             facts = self.attempt(key, ifindex, last)
         except Unowned as e:  # e.g. late FIN/ACK of an exited owner: settle now, not after every retry
             facts, last, via_listener = e.listener, True, e.listener is not None
-        except Exception:
+        except Exception as e:
             self.errors += 1
+            self.faults.record("resolver", e)
             facts = None
         if facts is not None or last:
             self.resolved += facts is not None

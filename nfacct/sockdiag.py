@@ -14,29 +14,33 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import netns
+from . import netlink
+from .netlink import (
+    NETLINK_ADD_MEMBERSHIP,
+    NLM_F_DUMP,
+    NLM_F_MULTI,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SOL_NETLINK,
+    NetlinkError,
+    SubscribeError,
+)
 from .packet import TCP, UDP
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 1
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 INET_DIAG_CGROUP_ID = 21
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 
 TCP_ESTABLISHED, TCP_SYN_SENT, TCP_SYN_RECV, TCP_TIME_WAIT, TCP_CLOSE, TCP_LISTEN = 1, 2, 3, 6, 7, 10
 ALL_STATES = 0xFFFFFFFF
 
-_nlmsghdr = struct.Struct("=IHHII")
 # inet_diag_msg: family, state, timer, retrans, sockid (48 B), expires, rqueue, wqueue, uid, inode
 _msg = struct.Struct("=BBBB")
 _sockid = struct.Struct("!HH16s16s")
 _MSG_SIZE = 72
-NLM_F_MULTI = 2
 _V4MAPPED = bytes(10) + b"\xff\xff"
-_nlattr = struct.Struct("=HH")
 
 
 class SockDiagError(Exception):
@@ -75,7 +79,7 @@ def _encode_request(
     body = struct.pack("=BBBxI", family, proto, 0, states)
     body += _sockid.pack(sport, dport, _pad16(src), _pad16(dst))
     body += struct.pack("=III", ifindex, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    return _nlmsghdr.pack(_nlmsghdr.size + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body
+    return netlink.pack_message(SOCK_DIAG_BY_FAMILY, body, flags, seq)
 
 
 def decode_message(buf: bytes, off: int, length: int) -> SockEntry:
@@ -91,14 +95,9 @@ def decode_message(buf: bytes, off: int, length: int) -> SockEntry:
     uid, inode = struct.unpack_from("=II", buf, off + 64)
     alen = 4 if family == socket.AF_INET else 16
     cgroup_id = 0
-    pos, end = off + _MSG_SIZE, off + length
-    while pos + 4 <= end:
-        nla_len, nla_type = _nlattr.unpack_from(buf, pos)
-        if nla_len < 4 or pos + nla_len > end:
-            break  # a malformed attribute: the kernel's nla_ok() stops here too
-        if nla_type & 0x3FFF == INET_DIAG_CGROUP_ID and nla_len >= 12:
-            (cgroup_id,) = struct.unpack_from("=Q", buf, pos + 4)
-        pos += (nla_len + 3) & ~3
+    for attr_type, start, end in netlink.attributes(buf, off + _MSG_SIZE, off + length):
+        if attr_type == INET_DIAG_CGROUP_ID and end - start >= 8:
+            (cgroup_id,) = struct.unpack_from("=Q", buf, start)
     local, remote = src[:alen], dst[:alen]
     if alen == 16 and local[:12] == _V4MAPPED and remote[:12] in (_V4MAPPED, bytes(12)):
         local, remote = local[12:], remote[12:]  # a dual-stack socket on IPv4: keyed like IPv4 packets
@@ -111,28 +110,24 @@ def parse_answer(buf: bytes, seq: int, entries: list[SockEntry]) -> bool:
     True once the answer is complete, False if more datagrams follow; messages answering other
     requests are skipped. Raises SockDiagError for an error answer or a malformed message.
     """
-    off = 0
-    while off + _nlmsghdr.size <= len(buf):
-        length, msg_type, flags, msg_seq, _pid = _nlmsghdr.unpack_from(buf, off)
-        if length < _nlmsghdr.size:
-            raise SockDiagError("sock_diag: malformed answer")
-        if msg_seq == seq:
-            if msg_type == NLMSG_ERROR:
-                if length < 20 or off + 20 > len(buf):
-                    raise SockDiagError("sock_diag: malformed answer")  # no room for the error code
-                (err,) = struct.unpack_from("=i", buf, off + 16)
-                if err in (0, -errno.ENOENT):
+    try:
+        # Partial messages too: one of ours cut short is a malformed answer, not one to wait on.
+        for m in netlink.messages(buf, partial=True, strict=True):
+            if m.seq != seq:
+                continue
+            if m.type == NLMSG_ERROR:
+                err = netlink.error_code(buf, m)
+                if err in (0, errno.ENOENT):
                     return True
-                if not -4096 < err < 0:  # not an errno: os.strerror() would raise OverflowError
-                    raise SockDiagError(f"sock_diag: malformed error code {err}")
-                raise SockDiagError(f"sock_diag: {os.strerror(-err)}")
-            if msg_type == NLMSG_DONE:
+                raise SockDiagError(f"sock_diag: {os.strerror(err)}")
+            if m.type == NLMSG_DONE:
                 return True
-            if msg_type == SOCK_DIAG_BY_FAMILY:
-                entries.append(decode_message(buf, off + 16, length - 16))
-                if not flags & NLM_F_MULTI:  # an exact lookup answers once
+            if m.type == SOCK_DIAG_BY_FAMILY:
+                entries.append(decode_message(buf, m.start, m.end - m.start))
+                if not m.flags & NLM_F_MULTI:  # an exact lookup answers once
                     return True
-        off += (length + 3) & ~3
+    except NetlinkError as e:
+        raise SockDiagError(f"sock_diag: {e}") from e
     return False
 
 
@@ -140,8 +135,7 @@ class SockDiag:
     """A sock_diag socket in one network namespace (None: ours)."""
 
     def __init__(self, netns_name: str | None = None):
-        with netns.entered(netns_name):
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+        self._sock = netlink.open_socket(NETLINK_SOCK_DIAG, netns_name)
         self._sock.bind((0, 0))
         self._seq = 0
         self.requests = 0
@@ -154,7 +148,7 @@ class SockDiag:
         self._sock.send(msg)
         entries: list[SockEntry] = []
         while True:
-            if parse_answer(self._sock.recv(1 << 16), self._seq, entries):
+            if parse_answer(self._sock.recv(netlink.RECV_SIZE), self._seq, entries):
                 return entries
 
     def lookup(
@@ -163,7 +157,8 @@ class SockDiag:
         """Exact lookup of the socket that owns a flow, as the kernel would deliver to it.
 
         TCP is keyed local→remote; UDP is looked up the way an incoming datagram is delivered
-        (source = remote), which also finds unconnected and wildcard-bound receivers.
+        (source = remote), which also finds unconnected and wildcard-bound receivers. Raises
+        SockDiagError for an error answer (other than "no such socket") or a malformed one.
         """
         family = socket.AF_INET if len(local) == 4 else socket.AF_INET6
         if proto == TCP:
@@ -176,10 +171,7 @@ class SockDiag:
         msg = _encode_request(
             family, proto, sport, dport, src, dst, ifindex, ALL_STATES, self._seq, NLM_F_REQUEST
         )
-        try:
-            entries = self._request(msg)
-        except SockDiagError:
-            return None
+        entries = self._request(msg)
         return entries[0] if entries else None
 
     def dump(self, family: int, proto: int, states: int = ALL_STATES) -> list[SockEntry]:
@@ -192,8 +184,7 @@ SKNLGRP_INET_TCP_DESTROY = 1
 SKNLGRP_INET_UDP_DESTROY = 2
 SKNLGRP_INET6_TCP_DESTROY = 3
 SKNLGRP_INET6_UDP_DESTROY = 4
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
+DESTROY_RCVBUF = 8 << 20
 
 
 def parse_destroy(buf: bytes, groups: int) -> list[tuple[int, SockEntry]]:
@@ -203,57 +194,34 @@ def parse_destroy(buf: bytes, groups: int) -> list[tuple[int, SockEntry]]:
         TCP if groups & (1 << (SKNLGRP_INET_TCP_DESTROY - 1) | 1 << (SKNLGRP_INET6_TCP_DESTROY - 1)) else UDP
     )
     out: list[tuple[int, SockEntry]] = []
-    off = 0
-    while off + _nlmsghdr.size <= len(buf):
-        length, msg_type = _nlmsghdr.unpack_from(buf, off)[:2]
-        if length < _nlmsghdr.size:
-            break
-        if msg_type == SOCK_DIAG_BY_FAMILY:
-            with contextlib.suppress(SockDiagError):  # a truncated event: nothing to mark closed
-                out.append((proto, decode_message(buf, off + 16, length - 16)))
-        off += (length + 3) & ~3
+    for m in netlink.messages(buf):
+        if m.type == SOCK_DIAG_BY_FAMILY:
+            with contextlib.suppress(SockDiagError):  # too short for a socket: nothing to mark closed
+                out.append((proto, decode_message(buf, m.start, m.end - m.start)))
     return out
 
 
-class DestroyEvents:
-    """sock_diag's destroy multicast groups: the kernel reports each TCP/UDP socket it frees."""
+class DestroyEvents(netlink.MulticastReader[tuple[int, SockEntry]]):
+    """sock_diag's destroy multicast groups: the kernel reports each TCP/UDP socket it frees.
+
+    `read()` gives (protocol, socket) of every socket destroyed since the last read.
+    """
 
     def __init__(self, netns_name: str | None = None):
-        with netns.entered(netns_name):
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            self._sock.bind((0, 0))
-            for group in (
-                SKNLGRP_INET_TCP_DESTROY,
-                SKNLGRP_INET_UDP_DESTROY,
-                SKNLGRP_INET6_TCP_DESTROY,
-                SKNLGRP_INET6_UDP_DESTROY,
-            ):
-                self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-        except OSError as e:
-            self._sock.close()
+            super().__init__(NETLINK_SOCK_DIAG, DESTROY_RCVBUF, netns_name)
+        except SubscribeError as e:
             raise SockDiagError(f"sock_diag destroy events unavailable: {e.strerror}") from e
-        self._sock.setblocking(False)
-        self.overruns = 0
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
+    def _subscribe(self) -> None:
+        self._sock.bind((0, 0))
+        for group in (
+            SKNLGRP_INET_TCP_DESTROY,
+            SKNLGRP_INET_UDP_DESTROY,
+            SKNLGRP_INET6_TCP_DESTROY,
+            SKNLGRP_INET6_UDP_DESTROY,
+        ):
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
 
-    def read(self) -> list[tuple[int, SockEntry]]:
-        """(protocol, socket) of every socket destroyed since the last read."""
-        out: list[tuple[int, SockEntry]] = []
-        while True:
-            try:
-                buf, (_pid, groups) = self._sock.recvfrom(1 << 16)
-            except BlockingIOError:
-                return out
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.overruns += 1
-                    continue
-                raise
-            out += parse_destroy(buf, groups)
-
-    def close(self) -> None:
-        self._sock.close()
+    def _parse(self, buf: bytes, groups: int) -> list[tuple[int, SockEntry]]:
+        return parse_destroy(buf, groups)
