@@ -70,6 +70,21 @@ class Resolver:
     def in_flight(self) -> int:
         return len(self._new) + len(self._retries)
 
+    def note_new_process(self, pid: int) -> None:
+        """A fork: the child is a likely owner of the next new socket (see SocketIndex)."""
+        self.index.note_new_process(pid)
+
+    def status(self) -> dict:
+        return {
+            "in_flight": self.in_flight,
+            "resolved": self.resolved,
+            "gave_up": self.gave_up,
+            "by_listener": self.by_listener,
+            "errors": self.errors,
+            "proc_scans": self.index.scans,
+            "socket_index": len(self.index),
+        }
+
     def submit(self, key: FlowKey, ifindex: int) -> None:
         self._new.append((key, ifindex))
 

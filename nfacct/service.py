@@ -113,7 +113,7 @@ class Service:
             self._claim()  # refuses at once if another daemon accounts the namespace
         self.sockdiag = SockDiag(cfg.netns)
         self._resources.callback(self.sockdiag.close)
-        self.resolver = Resolver(self.sockdiag)
+        self.resolver = Resolver(self.sockdiag, faults=self.faults)
         self.engine = Engine(submit=self.resolver.submit, config=cfg.gc, faults=self.faults)
         # Opened before the queue moves: its integrity check and migration (1.3 s for 93 MB
         # from a cold disk) must not hold the packets a takeover's new queue collects.
@@ -245,7 +245,7 @@ class Service:
             if ev.kind == "exit" and ev.pid == ev.tgid:  # the group leader: the process
                 self.engine.process_exited(ev.tgid, now)
             elif ev.kind == "fork":
-                self.resolver.index.note_new_process(ev.tgid)
+                self.resolver.note_new_process(ev.tgid)
             elif ev.kind == "exec" and self.engine.is_running(ev.tgid):
                 facts = process_facts(ev.tgid)
                 if facts is not None:
@@ -308,16 +308,7 @@ class Service:
             "engine": self.engine.status(),
             "queue": queue,
             "coverage": self.persistence.coverage_status(self.rules_problem),
-            "resolver": {
-                "in_flight": self.resolver.in_flight,
-                "resolved": self.resolver.resolved,
-                "gave_up": self.resolver.gave_up,
-                "by_listener": self.resolver.by_listener,
-                "errors": self.resolver.errors,
-                "sock_diag_requests": self.sockdiag.requests,
-                "proc_scans": self.resolver.index.scans,
-                "socket_index": len(self.resolver.index),
-            },
+            "resolver": {**self.resolver.status(), "sock_diag_requests": self.sockdiag.requests},
             "events": {
                 "process_exits": self.events_mode,
                 "socket_close": self.destroy_mode,

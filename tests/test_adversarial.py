@@ -120,8 +120,9 @@ def test_silent_slow_greedy_and_many_clients_delay_no_verdict(lab, counters, dae
     outcomes: dict[str, object] = {}
     kept: list[socket.socket] = []
 
-    def slow() -> None:
-        s = connect(daemon.control)
+    # Both connect before the 500 idle ones: a client behind them in the backlog would rightly
+    # wait its turn and be accepted after it had sent everything.
+    def slow(s: socket.socket) -> None:
         start = time.monotonic()
         try:
             for byte in b'{"cmd": "status"}\n':
@@ -133,8 +134,7 @@ def test_silent_slow_greedy_and_many_clients_delay_no_verdict(lab, counters, dae
         finally:
             s.close()
 
-    def greedy() -> None:
-        s = connect(daemon.control)
+    def greedy(s: socket.socket) -> None:
         s.settimeout(10)
         with contextlib.suppress(OSError):  # the daemon answers and closes long before 10 MB
             s.sendall(b"x" * (10 << 20))
@@ -152,7 +152,10 @@ def test_silent_slow_greedy_and_many_clients_delay_no_verdict(lab, counters, dae
             s.connect(daemon.control)
             s.sendall(b'{"cmd": "top"}\n')
             kept.append(s)
-        threads = [threading.Thread(target=slow), threading.Thread(target=greedy)]
+        threads = [
+            threading.Thread(target=slow, args=(connect(daemon.control),)),
+            threading.Thread(target=greedy, args=(connect(daemon.control),)),
+        ]
         for t in threads:
             t.start()
         for _ in range(500):
