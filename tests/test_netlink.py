@@ -16,19 +16,12 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from conftest import PROFILE
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nfacct import netlink
 from nfacct.netlink import NLMSG_HDRLEN, Message, NetlinkError, SubscribeError
-
-PROFILE = settings(
-    max_examples=400,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 U16, U32 = st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1)
 # (type, flags, seq, pid, payload) of one message

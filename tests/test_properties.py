@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from conftest import PROFILE
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nfacct.control import MAX_DEPTH, MAX_REQUEST, BadRequest, json_depth, parse_request
@@ -45,17 +46,6 @@ from nfacct.sockdiag import (
     parse_destroy,
 )
 from nfacct.tables import GcConfig
-
-# Derandomized: the same examples on every run, so a red CI run reproduces with the same command
-# and a green one cannot turn red without a code change. No example database: with derandomize it
-# would only store failures that no run replays. 400 examples each keep the file near 20 s.
-PROFILE = settings(
-    max_examples=400,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 # ---- netlink ------------------------------------------------------------------------------------
 
