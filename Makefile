@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+# libnetfilter-queue-dev and the build tools are for the bench's netfilterqueue only (the A/B of
+# the queue reader); nfacct itself needs none of them.
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
                 build-essential python3-dev python3-venv iperf3
 STAMP := $(VENV)/.installed
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 demo: setup
@@ -34,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/queue_reader.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -40,11 +40,19 @@ class Engine:
         self.unattributed_fragments = 0
         self._fragments: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
 
-    def account(self, data: bytes, outgoing: bool, ifindex: int = 0, now: float | None = None) -> bool:
-        """Count one packet; True when it made its flow's owner be looked up (a new flow, or a
-        flow whose socket may have changed hands)."""
+    def account(
+        self,
+        data: bytes,
+        outgoing: bool,
+        ifindex: int = 0,
+        now: float | None = None,
+        length: int | None = None,
+    ) -> bool:
+        """Count one packet (`length`: its real length, if known; see `packet.parse`); True when
+        it made its flow's owner be looked up (a new flow, or a flow whose socket may have
+        changed hands)."""
         self.packets += 1
-        p = parse(data)
+        p = parse(data, length)
         if type(p) is Malformed:
             self.malformed[p.reason] = self.malformed.get(p.reason, 0) + 1
             return False

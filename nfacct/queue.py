@@ -1,9 +1,12 @@
 """NFQUEUE I/O: bind a queue (optionally inside another network namespace), set its flags,
-hand packets to a callback and read the kernel's own figures for the queue.
+read queued packets in batches, give verdicts, and read the kernel's own figures for the queue.
 
-netfilterqueue does the binding and verdicts; it does not expose queue flags, so after bind we
-send one NFQNL_MSG_CONFIG on the queue's own netlink socket (the kernel only accepts config from
-the portid that owns the queue) and wait for its acknowledgement.
+Hand-written over the netlink core rather than netfilterqueue 1.1, which cannot do two things
+exactness needs: it exposes no attribute beyond the payload, so a packet longer than the copy
+range whose IP header cannot say its length (a TCP super-packet over 64 KiB on loopback has
+total length 0) could not be counted with the length nft counts (NFQA_CAP_LEN, the packet's
+real length); and it gives one verdict message per packet, where NFQNL_MSG_VERDICT_BATCH gives
+a whole batch its verdict in one (see bench/queue_reader.py for the measurement).
 """
 
 from __future__ import annotations
@@ -12,22 +15,34 @@ import errno
 import os
 import socket
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from netfilterqueue import COPY_PACKET, NetfilterQueue, Packet
 
 from . import netlink, netns
 from .netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NetlinkError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_PACKET = 0
+NFQNL_MSG_VERDICT = 1
 NFQNL_MSG_CONFIG = 2
+NFQNL_MSG_VERDICT_BATCH = 3
+NFQA_PACKET_HDR = 1
+NFQA_VERDICT_HDR = 2
+NFQA_IFINDEX_INDEV = 4
+NFQA_IFINDEX_OUTDEV = 5
+NFQA_PAYLOAD = 10
+NFQA_CAP_LEN = 13
+NFQA_CFG_CMD = 1
+NFQA_CFG_PARAMS = 2
+NFQA_CFG_QUEUE_MAXLEN = 3
 NFQA_CFG_MASK = 4
 NFQA_CFG_FLAGS = 5
+NFQNL_CFG_CMD_BIND = 1
+NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN = 1
 NFQA_CFG_F_GSO = 4
+NF_ACCEPT = 1
 
 HOOK_LOCAL_IN = 1
 HOOK_LOCAL_OUT = 3
@@ -35,12 +50,35 @@ HOOK_LOCAL_OUT = 3
 COPY_RANGE = 128  # enough for IPv4 options or IPv6 extension headers plus the ports
 QUEUE_MAXLEN = 8192  # packets the kernel may hold for us; each pins an skb (up to 64 KiB with GSO)
 RCVBUF = 8 << 20
+RECV_SIZE = 1 << 16  # one datagram: one packet message (a 128-byte copy and its attributes)
+VERDICT_BATCH = 64  # packets read before their verdicts go out together (see `dispatch`)
+SO_RCVBUFFORCE = 33  # Linux; beyond net.core.rmem_max (we run as root)
 
-_config_seq = 0x6E66
+_packet_hdr = struct.Struct("!IHB")  # packet_id, hw_protocol, hook
+_verdict_hdr = struct.Struct("!II")  # verdict, packet_id
+_u32 = struct.Struct("!I")
+_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+_NFGEN = 4  # struct nfgenmsg: family, version, res_id
 
 
 class QueueError(Exception):
     """The queue could not be bound or configured; one line for the user."""
+
+
+class QueuedPacket:
+    """One packet the kernel queued for us, with what the engine needs and its verdict."""
+
+    __slots__ = ("hook", "id", "indev", "length", "outdev", "payload", "queue")
+
+    def __init__(
+        self, queue: Queue, packet_id: int, hook: int, payload: bytes, length: int, indev: int, outdev: int
+    ):
+        self.queue, self.id, self.hook = queue, packet_id, hook
+        self.payload, self.length, self.indev, self.outdev = payload, length, indev, outdev
+
+    def accept(self) -> None:
+        """Accept the packet: at once in a batch after this read, or now if it was held."""
+        self.queue.accept(self)
 
 
 @dataclass
@@ -69,105 +107,183 @@ class KernelQueueStats:
             return None
 
 
-def config_message(queue: int, flags: int, mask: int, seq: int = _config_seq) -> bytes:
-    nfgen = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue)
-    attrs = netlink.pack_attr(NFQA_CFG_MASK, struct.pack("!I", mask))
-    attrs += netlink.pack_attr(NFQA_CFG_FLAGS, struct.pack("!I", flags))
+def _nfgen(queue: int) -> bytes:
+    return struct.pack("!BBH", socket.AF_UNSPEC, 0, queue)
+
+
+def config_message(queue: int, attrs: bytes, seq: int) -> bytes:
     msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
-    return netlink.pack_message(msg_type, nfgen + attrs, NLM_F_REQUEST | NLM_F_ACK, seq)
+    return netlink.pack_message(msg_type, _nfgen(queue) + attrs, NLM_F_REQUEST | NLM_F_ACK, seq)
 
 
-def strip_ack(buf: bytes, seq: int) -> tuple[bytes, int | None]:
-    """Remove the NLMSG_ERROR answering `seq` from a batch of netlink messages.
-
-    Returns the remaining bytes and the errno of the answer (0 for an ACK, None if absent).
-    """
-    kept: list[bytes] = []
-    result, off = None, 0
-    # Partial messages too: an answer cut short is still the answer, a malformed one.
-    for m in netlink.messages(buf, partial=True):
-        if m.type == NLMSG_ERROR and m.seq == seq:
-            span = netlink.message_span(m)
-            kept.append(buf[off : span.start])
-            off = span.stop
-            # A malformed answer (too short to hold an errno, or holding something else) is
-            # EBADMSG, which _set_flags reports as a QueueError.
-            try:
-                result = netlink.error_code(buf, m)
-            except NetlinkError:
-                result = errno.EBADMSG
-    return b"".join([*kept, buf[off:]]), result
+def verdict_message(queue: int, packet_id: int, batch: bool) -> bytes:
+    """Accept packet `packet_id`, or (batch) every packet of the queue up to and including it."""
+    msg_type = (NFNL_SUBSYS_QUEUE << 8) | (NFQNL_MSG_VERDICT_BATCH if batch else NFQNL_MSG_VERDICT)
+    attr = netlink.pack_attr(NFQA_VERDICT_HDR, _verdict_hdr.pack(NF_ACCEPT, packet_id))
+    return netlink.pack_message(msg_type, _nfgen(queue) + attr, NLM_F_REQUEST)
 
 
-class _AckCatcher:
-    """A socket stand-in for NetfilterQueue.run_socket that filters out our config ACK."""
-
-    def __init__(self, sock: socket.socket, seq: int):
-        self.sock, self.seq, self.result = sock, seq, None
-
-    def recv(self, size: int) -> bytes:
-        if self.result is not None:
-            raise BlockingIOError(errno.EAGAIN, "ack seen")
-        buf, result = strip_ack(self.sock.recv(size, socket.MSG_DONTWAIT), self.seq)
-        if result is not None:
-            self.result = result
-        return buf
+def parse_packet(buf: bytes, msg: netlink.Message) -> tuple[int, int, bytes, int, int, int] | None:
+    """(id, hook, payload, length, indev, outdev) of one queued packet; None if it carries no
+    packet header (the kernel always sends one). `length` is the packet's real length: the copy
+    is cut at COPY_RANGE, and the kernel then says how long the packet was (NFQA_CAP_LEN)."""
+    hdr = None
+    payload, cap_len, indev, outdev = b"", -1, 0, 0
+    for attr, start, end in netlink.attributes(buf, msg.start + _NFGEN, msg.end):
+        if attr == NFQA_PAYLOAD:
+            payload = bytes(buf[start:end])  # the read buffer is reused
+        elif attr == NFQA_PACKET_HDR and end - start >= _packet_hdr.size:
+            hdr = _packet_hdr.unpack_from(buf, start)
+        elif end - start >= 4 and attr in (NFQA_CAP_LEN, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV):
+            (value,) = _u32.unpack_from(buf, start)
+            if attr == NFQA_CAP_LEN:
+                cap_len = value
+            elif attr == NFQA_IFINDEX_INDEV:
+                indev = value
+            else:
+                outdev = value
+    if hdr is None:
+        return None
+    return hdr[0], hdr[2], payload, cap_len if cap_len >= 0 else len(payload), indev, outdev
 
 
 class Queue:
-    """One bound NFQUEUE. `callback(packet)` must give every packet a verdict."""
+    """One bound NFQUEUE. `callback(packet)` must give every packet a verdict (`accept()`),
+    now or later; verdicts given during a read go out in one batch after it."""
 
     def __init__(
         self,
         number: int,
-        callback: Callable[[Packet], None],
+        callback: Callable[[QueuedPacket], None],
         netns_name: str | None = None,
         maxlen: int = QUEUE_MAXLEN,
     ):
         self.number = number
         self.maxlen = maxlen
+        self.callback = callback
         self.received = 0
+        self.verdict_messages = 0
+        self._accepted: list[int] = []  # ids accepted since the last flush
+        self._undecided: set[int] = set()  # ids delivered and not yet accepted (held)
+        self._seq = 0
+        self._buf = bytearray(RECV_SIZE)  # reused by every read: a fresh 64 KiB each time costs more
+        self._view = memoryview(self._buf)  # than parsing the packet
         try:
             with netns.entered(netns_name):
-                nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+                self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
                 self._proc_stats = open("/proc/net/netfilter/nfnetlink_queue")  # noqa: SIM115
         except PermissionError as e:
             raise QueueError(f"cannot open netfilter netlink socket: {e.strerror} (needs root)") from e
         try:
-            self._nfq = NetfilterQueue(sockfd=nl.fileno())
-        finally:
-            nl.close()  # NetfilterQueue keeps its own duplicate
-        try:
-            self._nfq.bind(
-                number, callback, max_len=maxlen, mode=COPY_PACKET, range=COPY_RANGE, sock_len=RCVBUF
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+            self._sock.bind((0, 0))
+            failed = self._configure(
+                netlink.pack_attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, 0))
             )
         except OSError as e:
+            failed = e.errno
+        if failed:
+            self.close()
             raise QueueError(
-                f"cannot bind NFQUEUE {number}: {e} (is another nfacct or NFQUEUE consumer bound to it?)"
-            ) from e
-        self._sock = socket.socket(fileno=os.dup(self._nfq.get_fd()))
-        self.flags = self._set_flags(NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN)
+                f"cannot bind NFQUEUE {number}: {os.strerror(failed)}"
+                " (is another nfacct or NFQUEUE consumer bound to it?)"
+            )
+        flags = NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN
+        for what, attrs in (
+            (
+                "copy range",
+                netlink.pack_attr(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET)),
+            ),
+            ("maximum length", netlink.pack_attr(NFQA_CFG_QUEUE_MAXLEN, _u32.pack(maxlen))),
+            (
+                f"flags {flags:#x}",
+                netlink.pack_attr(NFQA_CFG_MASK, _u32.pack(flags))
+                + netlink.pack_attr(NFQA_CFG_FLAGS, _u32.pack(flags)),
+            ),
+        ):
+            failed = self._configure(attrs)
+            if failed:
+                self.close()
+                raise QueueError(f"setting NFQUEUE {number}'s {what} failed: {os.strerror(failed)}")
+        self.flags = flags
+        self._sock.setblocking(False)
 
-    def _set_flags(self, flags: int) -> int:
-        self._sock.send(config_message(self.number, flags, flags))
-        catcher = _AckCatcher(self._sock, _config_seq)
-        # The kernel queues the ACK synchronously behind any packets already waiting; those are
-        # handed to the callback on the way, so none is left without a verdict.
-        deadline = time.monotonic() + 1.0
-        while catcher.result is None and time.monotonic() < deadline:
-            self._nfq.run_socket(catcher)
-        if catcher.result is None:
-            raise QueueError(f"the kernel did not acknowledge queue flags {flags:#x}")
-        if catcher.result:
-            raise QueueError(f"setting queue flags {flags:#x} failed: {os.strerror(catcher.result)}")
-        return flags
+    def _configure(self, attrs: bytes) -> int:
+        """Send one config message and return the kernel's answer (an errno, 0 for success).
+        Packets that arrive first (the kernel queues the answer behind them) go to the
+        callback on the way."""
+        self._seq += 1
+        self._sock.send(config_message(self.number, attrs, self._seq))
+        while True:
+            buf = self._sock.recv(RECV_SIZE)
+            result = self._handle(buf, self._seq)
+            self.flush()
+            if result is not None:
+                return result
 
     def fileno(self) -> int:
-        return self._nfq.get_fd()
+        return self._sock.fileno()
 
     def dispatch(self) -> None:
-        """Hand every packet waiting on the socket to the callback; returns when none is left."""
-        self._nfq.run(block=False)
+        """Hand every packet waiting on the socket to the callback; returns when none is left.
+
+        Each packet is a datagram of its own; their verdicts go out together every
+        VERDICT_BATCH packets and when the socket is empty, in as few messages as `flush` can."""
+        recv_into, buf, view = self._sock.recv_into, self._buf, self._view
+        pending = 0
+        while True:
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:  # packets lost to a full socket buffer: `missed`
+                    continue
+                raise
+            self._handle(view[:n])
+            pending += 1
+            if pending >= VERDICT_BATCH:
+                self.flush()
+                pending = 0
+        self.flush()
+
+    def _handle(self, buf: bytes, seq: int | None = None) -> int | None:
+        """Give each packet of `buf` to the callback; returns the errno answering `seq`, if any."""
+        result = None
+        for m in netlink.messages(buf):
+            if m.type == _PACKET:
+                fields = parse_packet(buf, m)
+                if fields is None:
+                    continue
+                pkt = QueuedPacket(self, *fields)
+                self.received += 1
+                self._undecided.add(pkt.id)
+                self.callback(pkt)
+            elif m.type == NLMSG_ERROR and seq is not None and m.seq == seq:
+                try:
+                    result = netlink.error_code(buf, m)
+                except NetlinkError:
+                    result = errno.EBADMSG
+        return result
+
+    def accept(self, pkt: QueuedPacket) -> None:
+        self._undecided.discard(pkt.id)
+        self._accepted.append(pkt.id)
+
+    def flush(self) -> None:
+        """Send the verdicts given since the last flush: one batch for every accepted id below
+        the oldest packet still held (a batch verdict covers all ids up to its own), one message
+        each for the rest."""
+        if not self._accepted:
+            return
+        held = min(self._undecided, default=None)
+        batch = [i for i in self._accepted if held is None or i < held]
+        single = [i for i in self._accepted if held is not None and i > held]
+        self._accepted = []
+        messages = [verdict_message(self.number, max(batch), batch=True)] if batch else []
+        messages += [verdict_message(self.number, i, batch=False) for i in single]
+        self._sock.sendall(b"".join(messages))
+        self.verdict_messages += len(messages)
 
     def all_kernel_stats(self) -> dict[int, KernelQueueStats]:
         """Every queue of our namespace, by number (a takeover's successor shows up here too)."""
@@ -179,6 +295,7 @@ class Queue:
         return self.all_kernel_stats().get(self.number)
 
     def close(self) -> None:
-        self._nfq.unbind()
+        # Closing the socket unbinds the queue; the kernel drops what is still queued, which
+        # is why the service drains first.
         self._sock.close()
         self._proc_stats.close()

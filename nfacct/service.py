@@ -22,8 +22,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from netfilterqueue import Packet
-
 from . import control, takeover
 from .claim import Claim, ClaimError
 from .engine import Engine
@@ -32,7 +30,7 @@ from .faults import Faults
 from .files import remove_dirs
 from .persistence import Persistence
 from .procs import is_alive, process_facts
-from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue
+from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue, QueuedPacket
 from .resolver import Resolver
 from .rules import Rules, RulesError, takeover_pair
 from .sockdiag import ALL_STATES, DestroyEvents, SockDiag, SockDiagError
@@ -76,7 +74,7 @@ class Service:
         self.started = time.time()
         self._running = True  # until a signal or a handover says stop, from here on
         self._handing_over = False
-        self._held: list[Packet] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
+        self._held: list[QueuedPacket] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self._seen_overruns = 0  # proc connector overruns already answered by a liveness poll
         self.faults = Faults()
@@ -214,10 +212,11 @@ class Service:
 
     # ---- per packet ---------------------------------------------------------------------------
 
-    def _on_packet(self, pkt: Packet) -> None:
+    def _on_packet(self, pkt: QueuedPacket) -> None:
         outgoing = pkt.hook == HOOK_LOCAL_OUT
         try:
-            asked = self.engine.account(pkt.get_payload(), outgoing, pkt.outdev if outgoing else pkt.indev)
+            ifindex = pkt.outdev if outgoing else pkt.indev
+            asked = self.engine.account(pkt.payload, outgoing, ifindex, length=pkt.length)
         except Exception as e:  # a bug must cost one packet's attribution, never its verdict
             self.engine.failed(e)
             asked = False
@@ -236,6 +235,7 @@ class Service:
         held, self._held = self._held, []
         for pkt in held:
             pkt.accept()
+        self.queue.flush()
 
     # ---- events -------------------------------------------------------------------------------
 

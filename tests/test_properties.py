@@ -34,8 +34,9 @@ from nfacct.events import (
     parse_events,
 )
 from nfacct.netlink import NLM_F_MULTI, NLMSG_DONE, NLMSG_ERROR
+from nfacct.netlink import messages as netlink_messages
 from nfacct.packet import ICMP, ICMPV6, TCP, UDP, Malformed, Parsed, parse
-from nfacct.queue import KernelQueueStats, Queue, strip_ack
+from nfacct.queue import KernelQueueStats, Queue, QueuedPacket, parse_packet
 from nfacct.sockdiag import (
     INET_DIAG_CGROUP_ID,
     SOCK_DIAG_BY_FAMILY,
@@ -670,39 +671,88 @@ def test_all_kernel_stats_skips_malformed_lines(lines: list[str]) -> None:
     assert q.all_kernel_stats() == {s.queue: s for s in good}
 
 
-NL_OTHER = st.builds(
-    lambda t, seq, payload: nlmsg(t, payload, seq=seq),
-    st.integers(0, 0xFFFF).filter(lambda t: t != NLMSG_ERROR),
-    U32,
-    st.binary(max_size=40),
-)
+PACKET_TYPE = (3 << 8) | 0  # NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET
+
+
+def attr(attr_type: int, payload: bytes) -> bytes:
+    a = struct.pack("=HH", 4 + len(payload), attr_type) + payload
+    return a + bytes(-len(a) % 4)
+
+
+@st.composite
+def queued_packets(draw: st.DrawFn) -> tuple[bytes, tuple]:
+    """A packet message as the kernel sends it (attributes in any order, some optional, others
+    we do not read), and what parse_packet must make of it."""
+    packet_id, hook = draw(U32), draw(st.integers(0, 4))
+    payload = draw(st.binary(max_size=128))
+    cap_len = draw(st.one_of(st.none(), st.integers(len(payload) + 1, 2**32 - 1)))
+    indev, outdev = draw(st.one_of(st.just(0), U32)), draw(st.one_of(st.just(0), U32))
+    attrs = [attr(1, struct.pack("!IHB", packet_id, 0x0800, hook)), attr(10, payload)]
+    attrs += [attr(13, struct.pack("!I", cap_len))] if cap_len is not None else []
+    attrs += [attr(4, struct.pack("!I", indev))] if indev else []
+    attrs += [attr(5, struct.pack("!I", outdev))] if outdev else []
+    attrs += draw(st.lists(st.builds(attr, st.integers(14, 40), st.binary(max_size=12)), max_size=3))
+    attrs = draw(st.permutations(attrs))
+    message = nlmsg(PACKET_TYPE, struct.pack("!BBH", 2, 0, 5) + b"".join(attrs))
+    expected = (packet_id, hook, payload, cap_len if cap_len is not None else len(payload), indev, outdev)
+    return message, expected
 
 
 @PROFILE
-@given(st.lists(NL_OTHER, max_size=4), st.lists(NL_OTHER, max_size=4), st.integers(-4095, 0), U32)
-def test_strip_ack_removes_exactly_the_answer(
-    before: list[bytes], after: list[bytes], err: int, seq: int
-) -> None:
-    ack = nlmsg(NLMSG_ERROR, struct.pack("=i", err) + bytes(16), seq=seq)
-    assert strip_ack(b"".join([*before, ack, *after]), seq) == (b"".join(before + after), -err)
-    assert strip_ack(b"".join(before + after), seq) == (b"".join(before + after), None)
+@given(st.lists(queued_packets(), min_size=1, max_size=5))
+def test_parse_packet_reads_what_the_kernel_sent(batch: list[tuple[bytes, tuple]]) -> None:
+    buf = b"".join(message for message, _ in batch)
+    got = [parse_packet(buf, m) for m in netlink_messages(buf)]
+    assert got == [expected for _, expected in batch]
 
 
 @PROFILE
 @given(
     st.one_of(
-        st.binary(max_size=200),
-        raw_nlmsgs([NLMSG_ERROR], [5]),
-        mutated(st.lists(st.one_of(NL_OTHER, st.just(nlmsg(NLMSG_ERROR, bytes(20), seq=5)))).map(b"".join)),
+        st.binary(max_size=300), mutated(queued_packets().map(lambda b: b[0])), raw_nlmsgs([PACKET_TYPE], [0])
     )
 )
-def test_strip_ack_never_raises_and_answers_an_errno(buf: bytes) -> None:
-    rest, result = strip_ack(buf, 5)
-    # the caller turns a nonzero result into os.strerror: it must be an errno
+def test_a_queue_read_never_raises_and_every_packet_gets_to_the_callback(buf: bytes) -> None:
+    """Whatever a read brings, `_handle` gives every packet with a header to the callback and
+    answers an errno or nothing."""
+    q = Queue.__new__(Queue)  # no socket: _handle only parses and calls back
+    q.received, q._undecided, q._accepted = 0, set(), []
+    seen: list[QueuedPacket] = []
+    q.callback = seen.append
+    result = q._handle(buf, 5)
     assert result is None or 0 <= result < 4096
-    if result is None:
-        assert rest == buf
-    assert strip_ack(rest, 5) == (rest, None)  # every answer to us is gone
+    assert q.received == len(seen) and q._undecided == {p.id for p in seen}
+    for p in seen:
+        assert isinstance(p.payload, bytes) and p.length >= 0
+
+
+@PROFILE
+@given(st.lists(U32, max_size=20, unique=True), st.data())
+def test_verdicts_never_release_a_held_packet(ids: list[int], data: st.DataObject) -> None:
+    """A batch verdict accepts every id up to its own: it must stop below the oldest held packet."""
+    held = set(data.draw(st.lists(st.sampled_from(ids), unique=True))) if ids else set()
+    sent: list[bytes] = []
+    q = Queue.__new__(Queue)
+    q.number, q.verdict_messages, q._undecided, q._accepted = 5, 0, set(ids), []
+
+    class Sock:
+        def sendall(self, data: bytes) -> None:
+            sent.append(data)
+
+    q._sock = Sock()
+    for i in ids:
+        if i not in held:
+            q.accept(QueuedPacket(q, i, 3, b"", 0, 0, 0))
+    q.flush()
+    accepted: set[int] = set()
+    for m in netlink_messages(b"".join(sent)):
+        verdict, packet_id = struct.unpack_from("!II", b"".join(sent), m.start + 8)
+        assert verdict == 1
+        if m.type & 0xFF == 3:  # a batch: everything queued up to packet_id
+            accepted |= {i for i in ids if i <= packet_id}
+        else:
+            accepted.add(packet_id)
+    assert accepted == set(ids) - held
 
 
 # ---- control requests ---------------------------------------------------------------------------
