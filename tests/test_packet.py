@@ -127,3 +127,20 @@ def test_random_and_truncated_input_never_raises():
         if data and rng.random() < 0.8:
             data[0] = (rng.choice((4, 6)) << 4) | (data[0] & 0x0F)
         assert isinstance(parse(bytes(data)), Parsed | Malformed)
+
+
+def test_a_super_packet_counts_with_the_length_the_queue_reports():
+    """GSO on loopback: IPv4 total length 0, IPv6 payload length 0; the queue says how long."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+
+    v4 = bytearray(bytes(IP(src="127.0.0.1", dst="127.0.0.1") / TCP(sport=1, dport=2)))
+    v4[2:4] = b"\0\0"
+    assert parse(bytes(v4)).reason == "bad-length"  # alone, the header cannot say
+    assert parse(bytes(v4), length=130_000).length == 130_000
+    assert parse(bytes(v4), length=130_000)[4:6] == (1, 2)
+    v6 = bytearray(bytes(IPv6(src="::1", dst="::1") / TCP(sport=3, dport=4)))
+    v6[4:6] = b"\0\0"
+    assert parse(bytes(v6)).reason == "jumbo"
+    assert parse(bytes(v6), length=200_000).length == 200_000
+    assert parse(bytes(v6), length=60).reason == "jumbo"  # a zero payload length it cannot explain
