@@ -16,6 +16,7 @@ from dataclasses import dataclass
 QUEUE_FULL = "queue full or socket buffer overrun (fail-open)"
 NOT_COUNTING = "no daemon counting (stopped, restarting or killed)"
 RULES_RESET = "ruleset reinstalled (counter restarted); at least this many"
+STALLED = "daemon stalled (stopped or stuck): the guard let them pass unseen"
 
 
 @dataclass

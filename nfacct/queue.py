@@ -163,6 +163,7 @@ class Queue:
         self.callback = callback
         self.received = 0
         self.verdict_messages = 0
+        self.on_read: Callable[[], None] = lambda: None  # told at each read (see nfacct.guard)
         self._accepted: list[int] = []  # ids accepted since the last flush
         self._undecided: set[int] = set()  # ids delivered and not yet accepted (held)
         self._seq = 0
@@ -231,6 +232,7 @@ class Queue:
         VERDICT_BATCH packets and when the socket is empty, in as few messages as `flush` can."""
         recv_into, buf, view = self._sock.recv_into, self._buf, self._view
         pending = 0
+        self.on_read()
         while True:
             try:
                 n = recv_into(buf)
@@ -244,6 +246,7 @@ class Queue:
             pending += 1
             if pending >= VERDICT_BATCH:
                 self.flush()
+                self.on_read()
                 pending = 0
         self.flush()
 

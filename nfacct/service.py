@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 
 from . import control, takeover
 from .claim import Claim, ClaimError
+from .coverage import STALLED
 from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
+from .guard import Guard
 from .persistence import Persistence
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue, QueuedPacket
@@ -77,6 +79,7 @@ class Service:
         self._held: list[QueuedPacket] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self._seen_overruns = 0  # proc connector overruns already answered by a liveness poll
+        self._guard_seen = 0  # packets the guard accepted, as of the last checkpoint
         self.faults = Faults()
         self._resources = contextlib.ExitStack()  # closed in reverse order by close()
         self._undo = contextlib.ExitStack()  # what only a failed start takes back
@@ -176,6 +179,11 @@ class Service:
         )
         for key in self.persistence.restore(counter_at_start, handed):
             self.resolver.submit(key, 0)
+        # Only now, when the loop is about to read: a takeover's queue fills while the predecessor
+        # drains, and those packets are ours to count, not the guard's to let pass.
+        self.guard = Guard(self.queue.fileno(), number)
+        self._resources.callback(self.guard.stop)  # before the queue closes: it shares its socket
+        self.queue.on_read = self.guard.beat
 
     def _drop_queue_quietly(self, number: int) -> None:
         with contextlib.suppress(RulesError):
@@ -298,6 +306,7 @@ class Service:
             # lost to a full socket buffer (and, with FAIL_OPEN, accepted without accounting).
             queue["missed"] = kernel.id_sequence - self.engine.packets
         queue["maxlen"] = self.queue.maxlen
+        queue["guard_accepted"] = self.guard.accepted
         cfg = self.config
         return {
             "pid": os.getpid(),
@@ -366,7 +375,7 @@ class Service:
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
-            self.persistence.checkpoint()
+            self._checkpoint()
             if self.control.held:
                 tables = self.engine.export()
                 for conn in self.control.held:
@@ -414,7 +423,7 @@ class Service:
             ("persist", PERSIST_TICK, self.persistence.persist_exited),
             ("poll", cfg.poll_interval, self._poll_liveness),
             ("gc", cfg.gc.cycle, self._gc),
-            ("checkpoint", cfg.checkpoint_interval, self.persistence.checkpoint),
+            ("checkpoint", cfg.checkpoint_interval, self._checkpoint),
         ):
             if job in due and now >= due[job]:
                 due[job] = now + period
@@ -422,6 +431,11 @@ class Service:
                     work()
                 except Exception as e:  # a full disk or a bug: retried next time, counted, logged once
                     self.faults.record(job, e)
+
+    def _checkpoint(self) -> None:
+        accepted = self.guard.accepted
+        stalled, self._guard_seen = accepted > self._guard_seen, accepted
+        self.persistence.checkpoint(reason=STALLED if stalled else None)
 
     def _gc(self) -> None:
         try:
