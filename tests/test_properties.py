@@ -689,9 +689,11 @@ def queued_packets(draw: st.DrawFn) -> tuple[bytes, tuple]:
     indev, outdev = draw(st.one_of(st.just(0), U32)), draw(st.one_of(st.just(0), U32))
     attrs = [attr(1, struct.pack("!IHB", packet_id, 0x0800, hook)), attr(10, payload)]
     attrs += [attr(13, struct.pack("!I", cap_len))] if cap_len is not None else []
-    attrs += [attr(4, struct.pack("!I", indev))] if indev else []
-    attrs += [attr(5, struct.pack("!I", outdev))] if outdev else []
-    attrs += draw(st.lists(st.builds(attr, st.integers(14, 40), st.binary(max_size=12)), max_size=3))
+    attrs += [attr(5, struct.pack("!I", indev))] if indev else []  # NFQA_IFINDEX_INDEV
+    attrs += [attr(6, struct.pack("!I", outdev))] if outdev else []  # NFQA_IFINDEX_OUTDEV
+    # Attributes we do not read: mark, timestamp, physical devices, hardware address, conntrack...
+    others = st.sampled_from([3, 4, 7, 8, 9, 11, 12, *range(14, 41)])
+    attrs += draw(st.lists(st.builds(attr, others, st.binary(max_size=16)), max_size=3))
     attrs = draw(st.permutations(attrs))
     message = nlmsg(PACKET_TYPE, struct.pack("!BBH", 2, 0, 5) + b"".join(attrs))
     expected = (packet_id, hook, payload, cap_len if cap_len is not None else len(payload), indev, outdev)
