@@ -118,8 +118,8 @@ def _accept_all(sock: socket.socket, buf: bytearray, view: memoryview, queue_num
         for m in netlink.messages(view[:n]):
             if m.type == _PACKET:
                 fields = parse_packet(view[:n], m)
-                if fields is not None:
-                    newest, count = max(newest, fields[0]), count + 1
+                if fields is not None:  # read in the kernel's order: the last is the newest
+                    newest, count = fields[0], count + 1
     if newest >= 0:
         # Every packet up to the newest, the daemon's held ones included: the daemon's own
         # verdicts for those later find them gone, which the kernel answers with an error

@@ -36,7 +36,7 @@ from nfacct.events import (
 from nfacct.netlink import NLM_F_MULTI, NLMSG_DONE, NLMSG_ERROR
 from nfacct.netlink import messages as netlink_messages
 from nfacct.packet import ICMP, ICMPV6, TCP, UDP, Malformed, Parsed, parse
-from nfacct.queue import KernelQueueStats, Queue, QueuedPacket, parse_packet
+from nfacct.queue import KernelQueueStats, Queue, QueuedPacket, before, parse_packet
 from nfacct.sockdiag import (
     INET_DIAG_CGROUP_ID,
     SOCK_DIAG_BY_FAMILY,
@@ -718,24 +718,26 @@ def test_a_queue_read_never_raises_and_every_packet_gets_to_the_callback(buf: by
     """Whatever a read brings, `_handle` gives every packet with a header to the callback and
     answers an errno or nothing."""
     q = Queue.__new__(Queue)  # no socket: _handle only parses and calls back
-    q.received, q._undecided, q._accepted = 0, set(), []
+    q.received, q._undecided, q._accepted = 0, {}, []
     seen: list[QueuedPacket] = []
     q.callback = seen.append
     result = q._handle(buf, 5)
     assert result is None or 0 <= result < 4096
-    assert q.received == len(seen) and q._undecided == {p.id for p in seen}
+    assert q.received == len(seen) and set(q._undecided) == {p.id for p in seen}
     for p in seen:
         assert isinstance(p.payload, bytes) and p.length >= 0
 
 
 @PROFILE
-@given(st.lists(U32, max_size=20, unique=True), st.data())
-def test_verdicts_never_release_a_held_packet(ids: list[int], data: st.DataObject) -> None:
-    """A batch verdict accepts every id up to its own: it must stop below the oldest held packet."""
+@given(U32, st.lists(st.integers(0, 5000), max_size=20, unique=True), st.data())
+def test_verdicts_never_release_a_held_packet(first: int, offsets: list[int], data: st.DataObject) -> None:
+    """A batch verdict accepts every queued id up to its own, in the kernel's serial order (ids
+    wrap at 2**32): it must stop before the oldest held packet and cover all the others."""
+    ids = [(first + k) & 0xFFFFFFFF for k in sorted(offsets)]  # delivery order
     held = set(data.draw(st.lists(st.sampled_from(ids), unique=True))) if ids else set()
     sent: list[bytes] = []
     q = Queue.__new__(Queue)
-    q.number, q.verdict_messages, q._undecided, q._accepted = 5, 0, set(ids), []
+    q.number, q.verdict_messages, q._undecided, q._accepted = 5, 0, dict.fromkeys(ids), []
 
     class Sock:
         def sendall(self, data: bytes) -> None:
@@ -747,11 +749,12 @@ def test_verdicts_never_release_a_held_packet(ids: list[int], data: st.DataObjec
             q.accept(QueuedPacket(q, i, 3, b"", 0, 0, 0))
     q.flush()
     accepted: set[int] = set()
-    for m in netlink_messages(b"".join(sent)):
-        verdict, packet_id = struct.unpack_from("!II", b"".join(sent), m.start + 8)
+    buf = b"".join(sent)
+    for m in netlink_messages(buf):
+        verdict, packet_id = struct.unpack_from("!II", buf, m.start + 8)
         assert verdict == 1
-        if m.type & 0xFF == 3:  # a batch: everything queued up to packet_id
-            accepted |= {i for i in ids if i <= packet_id}
+        if m.type & 0xFF == 3:  # a batch: every queued packet not after packet_id
+            accepted |= {i for i in ids if i == packet_id or before(i, packet_id)}
         else:
             accepted.add(packet_id)
     assert accepted == set(ids) - held
