@@ -30,6 +30,7 @@ from .queue import NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET, RECV_SIZE, parse_packet,
 
 GUARD_CHECK = 0.25  # seconds between looks: a stall lasts at most about two of them
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 _PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 # Two 8-byte slots, one writer each: reads by the daemon (offset 0), packets accepted by the
 # guard (offset 8); neither process ever writes the other's.
@@ -72,6 +73,7 @@ class Guard:
 def _watch(queue_fd: int, queue_number: int, mem: mmap.mmap, parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_NAME, b"nfacct-guard")  # in ps and top, not a second `nfacct run`
     if os.getppid() != parent:  # the daemon died before the line above took effect
         return
     for s in (signal.SIGTERM, signal.SIGINT):  # the daemon's handlers are not ours

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import count_port, kernel, send, until
 
@@ -73,10 +74,14 @@ def test_a_failed_start_takes_back_what_it_made(tmp_path):
             try:
                 assert until(lambda: answers(str(control)), True, 15), "the daemon did not come up"
                 assert claim.holder(lab.acct)["pid"] == daemon.pid
+                children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+                guards = [c for c in children if Path(f"/proc/{c}/comm").read_text() == "nfacct-guard\n"]
+                assert len(guards) == 1, children
             finally:
                 daemon.terminate()
                 assert daemon.wait(timeout=10) == 0, daemon.stderr.read()
             assert not control.exists() and claim.holder(lab.acct) is None
+            assert not os.path.exists(f"/proc/{guards[0]}"), "the guard outlived its daemon"
             assert db.exists(), "a clean stop keeps its database"
         finally:
             if squatter is not None:
