@@ -17,7 +17,7 @@ from .faults import Faults
 from .packet import ICMP, ICMPV6, TCP, UDP, Malformed, parse
 from .procs import ProcessFacts
 from .resolver import Answer
-from .tables import FlowKey, GcConfig, SockInfo, Tables, TaskInfo, counter_base
+from .tables import NO_UID, FlowKey, GcConfig, SockInfo, Tables, TaskInfo, counter_base
 
 PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 FRAGMENT_MEMORY = 4096  # first fragments remembered, to attribute the fragments that follow
@@ -47,6 +47,7 @@ class Engine:
         ifindex: int = 0,
         now: float | None = None,
         length: int | None = None,
+        uid: int = NO_UID,
     ) -> bool:
         """Count one packet (`length`: its real length, if known; see `packet.parse`); True when
         it made its flow's owner be looked up (a new flow, or a flow whose socket may have
@@ -87,15 +88,17 @@ class Engine:
         if si is None:
             if len(tables.socks) >= tables.config.max_sockinfo:
                 tables.sock_overflow += 1
-                c = tables.unidentified
+                c = tables.unidentified_for(uid)
                 c[slot] += 1
                 c[slot + 1] += p.length
                 return False
-            si = tables.add_sock(key, now)
+            si = tables.add_sock(key, now, uid)
             self.submit(key, ifindex)
             asked = True
         else:
             si.last_seen = now
+            if si.uid == NO_UID:  # the first packets may come before the kernel knows the socket
+                si.uid = uid
             asked = si.state == SockInfo.ORPHANED or (si.closed and si.state in _SETTLED)
             if asked:
                 # The owner exited, or the kernel freed the socket, yet the flow goes on: its
@@ -124,7 +127,7 @@ class Engine:
                 f = None  # a re-check: late packets of a closed socket stay with its exited owner
             task = None if f is None else tables.task(f.pid, f.btime, f.comm, f.cmdline, f.uid, f.cgroup)
             if task is None:
-                si.give_up(tables.unidentified)
+                si.give_up(tables.unidentified_for(si.uid))
             else:
                 si.resolve(task)
                 si.closed = False  # a live socket holds the flow (again)

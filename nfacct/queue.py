@@ -33,6 +33,7 @@ NFQA_IFINDEX_INDEV = 5
 NFQA_IFINDEX_OUTDEV = 6
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
+NFQA_UID = 16
 NFQA_CFG_CMD = 1
 NFQA_CFG_PARAMS = 2
 NFQA_CFG_QUEUE_MAXLEN = 3
@@ -42,6 +43,7 @@ NFQNL_CFG_CMD_BIND = 1
 NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN = 1
 NFQA_CFG_F_GSO = 4
+NFQA_CFG_F_UID_GID = 8
 NF_ACCEPT = 1
 
 HOOK_LOCAL_IN = 1
@@ -68,13 +70,22 @@ class QueueError(Exception):
 class QueuedPacket:
     """One packet the kernel queued for us, with what the engine needs and its verdict."""
 
-    __slots__ = ("hook", "id", "indev", "length", "outdev", "payload", "queue")
+    __slots__ = ("hook", "id", "indev", "length", "outdev", "payload", "queue", "uid")
 
     def __init__(
-        self, queue: Queue, packet_id: int, hook: int, payload: bytes, length: int, indev: int, outdev: int
+        self,
+        queue: Queue,
+        packet_id: int,
+        hook: int,
+        payload: bytes,
+        length: int,
+        indev: int,
+        outdev: int,
+        uid: int = -1,
     ):
         self.queue, self.id, self.hook = queue, packet_id, hook
         self.payload, self.length, self.indev, self.outdev = payload, length, indev, outdev
+        self.uid = uid  # of the packet's socket; -1 if it has none (or the kernel did not say)
 
     def accept(self) -> None:
         """Accept the packet: at once in a batch after this read, or now if it was held."""
@@ -131,28 +142,31 @@ def verdict_message(queue: int, packet_id: int, batch: bool) -> bytes:
     return netlink.pack_message(msg_type, _nfgen(queue) + attr, NLM_F_REQUEST)
 
 
-def parse_packet(buf: bytes, msg: netlink.Message) -> tuple[int, int, bytes, int, int, int] | None:
-    """(id, hook, payload, length, indev, outdev) of one queued packet; None if it carries no
-    packet header (the kernel always sends one). `length` is the packet's real length: the copy
-    is cut at COPY_RANGE, and the kernel then says how long the packet was (NFQA_CAP_LEN)."""
+def parse_packet(buf: bytes, msg: netlink.Message) -> tuple[int, int, bytes, int, int, int, int] | None:
+    """(id, hook, payload, length, indev, outdev, uid) of one queued packet (uid -1: no socket);
+    None if it carries no packet header (the kernel always sends one). `length` is the packet's
+    real length: the copy is cut at COPY_RANGE, and the kernel then says how long the packet
+    was (NFQA_CAP_LEN)."""
     hdr = None
-    payload, cap_len, indev, outdev = b"", -1, 0, 0
+    payload, cap_len, indev, outdev, uid = b"", -1, 0, 0, -1
     for attr, start, end in netlink.attributes(buf, msg.start + _NFGEN, msg.end):
         if attr == NFQA_PAYLOAD:
             payload = bytes(buf[start:end])  # the read buffer is reused
         elif attr == NFQA_PACKET_HDR and end - start >= _packet_hdr.size:
             hdr = _packet_hdr.unpack_from(buf, start)
-        elif end - start >= 4 and attr in (NFQA_CAP_LEN, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV):
+        elif end - start >= 4 and attr in (NFQA_CAP_LEN, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_UID):
             (value,) = _u32.unpack_from(buf, start)
             if attr == NFQA_CAP_LEN:
                 cap_len = value
             elif attr == NFQA_IFINDEX_INDEV:
                 indev = value
+            elif attr == NFQA_UID:
+                uid = value
             else:
                 outdev = value
     if hdr is None:
         return None
-    return hdr[0], hdr[2], payload, cap_len if cap_len >= 0 else len(payload), indev, outdev
+    return hdr[0], hdr[2], payload, cap_len if cap_len >= 0 else len(payload), indev, outdev, uid
 
 
 class Queue:
@@ -199,7 +213,9 @@ class Queue:
                 f"cannot bind NFQUEUE {number}: {os.strerror(failed)}"
                 " (is another nfacct or NFQUEUE consumer bound to it?)"
             )
-        flags = NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN
+        # UID_GID: the uid of the packet's socket, where it has one; the bucket of traffic whose
+        # process was never found (a socket closed before its lookup still has an owner uid).
+        flags = NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_UID_GID
         for what, attrs in (
             (
                 "copy range",

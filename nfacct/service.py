@@ -224,7 +224,7 @@ class Service:
         outgoing = pkt.hook == HOOK_LOCAL_OUT
         try:
             ifindex = pkt.outdev if outgoing else pkt.indev
-            asked = self.engine.account(pkt.payload, outgoing, ifindex, length=pkt.length)
+            asked = self.engine.account(pkt.payload, outgoing, ifindex, length=pkt.length, uid=pkt.uid)
         except Exception as e:  # a bug must cost one packet's attribution, never its verdict
             self.engine.failed(e)
             asked = False

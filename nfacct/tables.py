@@ -93,8 +93,11 @@ class TaskInfo:
         return sum(self.counters[1::2])
 
 
+NO_UID = -1  # the queue did not say whose socket sent or received the packet
+
+
 class SockInfo:
-    __slots__ = ("closed", "counters", "key", "last_seen", "state", "task")
+    __slots__ = ("closed", "counters", "key", "last_seen", "state", "task", "uid")
 
     # PENDING: owner being looked up, counting on temporary counters. RESOLVED: counting for
     # `task`. ORPHANED: `task` exited while the socket may live on in another process; the next
@@ -109,13 +112,14 @@ class SockInfo:
         "unidentified",
     )
 
-    def __init__(self, key: FlowKey, now: float):
+    def __init__(self, key: FlowKey, now: float, uid: int = NO_UID):
         self.key = key
         self.counters = new_counters()
         self.task: TaskInfo | None = None
         self.state = SockInfo.PENDING
         self.last_seen = now
         self.closed = False
+        self.uid = uid  # the socket's owner uid, as the queue reported it: the unidentified bucket
 
     def resolve(self, task: TaskInfo) -> None:
         """Count for `task` from now on: temporary counters move to it; a previous owner keeps its own."""
@@ -154,7 +158,9 @@ class Tables:
         self._by_port: dict[tuple[int, int], set[FlowKey]] = {}  # (proto, local port) → flows
         self.tasks: dict[tuple[int, float], TaskInfo] = {}
         self.running: dict[int, TaskInfo] = {}  # pid → task not yet seen exiting
-        self.unidentified = new_counters()
+        # Flows nobody could be found for, by the uid of their socket (the queue says it even when
+        # no process holds the socket any more): "unidentified, but user 1000's".
+        self.unidentified_by_uid: dict[int, list[int]] = {}
         self.sock_overflow = 0
         self.task_overflow = 0
         self.gc_runs = 0
@@ -193,8 +199,23 @@ class Tables:
             if si is not None and not si.closed:
                 si.orphan()
 
-    def add_sock(self, key: FlowKey, now: float) -> SockInfo:
-        si = self.socks[key] = SockInfo(key, now)
+    def unidentified_for(self, uid: int) -> list[int]:
+        """The counters of unidentified traffic of `uid` (NO_UID: unknown)."""
+        bucket = self.unidentified_by_uid.get(uid)
+        if bucket is None:
+            bucket = self.unidentified_by_uid[uid] = new_counters()
+        return bucket
+
+    @property
+    def unidentified(self) -> list[int]:
+        """Unidentified traffic of every uid together (a sum: to read, not to count into)."""
+        total = new_counters()
+        for bucket in self.unidentified_by_uid.values():
+            add_counters(total, bucket)
+        return total
+
+    def add_sock(self, key: FlowKey, now: float, uid: int = NO_UID) -> SockInfo:
+        si = self.socks[key] = SockInfo(key, now, uid)
         self._by_port.setdefault((key[0], key[2]), set()).add(key)
         return si
 
@@ -202,7 +223,7 @@ class Tables:
         # Temporary counters are never dropped: a re-check still out gives them to the old
         # owner, a first lookup still out to the unidentified totals.
         if si.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK):
-            si.give_up(self.unidentified)
+            si.give_up(self.unidentified_for(si.uid))
         del self.socks[si.key]
         port = (si.key[0], si.key[2])
         keys = self._by_port[port]
@@ -273,6 +294,11 @@ class Tables:
             "gc_removed_sockinfo": self.gc_removed_socks,
             "gc_removed_taskinfo": self.gc_removed_tasks,
             "unidentified": dict(zip(COUNTER_NAMES, self.unidentified, strict=True)),
+            "unidentified_by_uid": {
+                str(uid): dict(zip(COUNTER_NAMES, bucket, strict=True))
+                for uid, bucket in sorted(self.unidentified_by_uid.items())
+                if any(bucket)
+            },
         }
 
     # ---- handover: the whole table state, for a successor daemon (see nfacct.takeover) ---------
@@ -294,13 +320,14 @@ class Tables:
                     "task": index[id(si.task)] if si.task is not None else None,
                     "last_seen": si.last_seen,
                     "closed": si.closed,
+                    "uid": si.uid,
                 }
             )
         return {
             "format": HANDOVER_FORMAT,
             "tasks": [{**vars(t), "socks": None} for t in tasks],
             "socks": socks,
-            "unidentified": self.unidentified,
+            "unidentified_by_uid": {str(uid): bucket for uid, bucket in self.unidentified_by_uid.items()},
         }
 
     def load(self, state: dict) -> list[FlowKey]:
@@ -311,12 +338,13 @@ class Tables:
             task = TaskInfo(**{**d, "socks": set()})
             self.restore(task)
             tasks.append(task)
-        add_counters(self.unidentified, state["unidentified"])
+        for uid, bucket in state["unidentified_by_uid"].items():
+            add_counters(self.unidentified_for(int(uid)), bucket)
         lookups = []
         for d in state["socks"]:
             proto, local, lport, remote, rport = d["key"]
             key = (proto, bytes.fromhex(local), lport, bytes.fromhex(remote), rport)
-            si = self.add_sock(key, d["last_seen"])
+            si = self.add_sock(key, d["last_seen"], d["uid"])
             si.closed = d["closed"]
             si.task = tasks[d["task"]] if d["task"] is not None else None
             if si.task is not None:
@@ -325,7 +353,7 @@ class Tables:
             if st == SockInfo.RESOLVED:
                 si.state, si.counters = st, si.task.counters
             elif st == SockInfo.UNIDENTIFIED:
-                si.state, si.counters = st, self.unidentified
+                si.state, si.counters = st, self.unidentified_for(si.uid)
             else:  # its lookup was the predecessor's: ask again
                 si.state = SockInfo.ORPHANED if st == SockInfo.RECHECK else st
                 si.counters = d["counters"]
@@ -336,7 +364,7 @@ class Tables:
 
 # The layout of `export()`. A daemon refuses to take over tables of another format (an upgrade
 # that changes them restarts instead, and the gap is recorded); format 1 was positional lists.
-HANDOVER_FORMAT = 2
+HANDOVER_FORMAT = 3  # 3: unidentified traffic by uid
 
 
 class HandoverError(Exception):

@@ -195,7 +195,7 @@ def test_loopback_tcp_counts_for_both_ends(lab, counters, daemon, procs, port, a
 
 def test_status_reports_engine_and_kernel_queue(daemon):
     status = daemon.status()
-    assert status["queue"]["flags"] == 5  # GSO | FAIL_OPEN
+    assert status["queue"]["flags"] == 13  # GSO | FAIL_OPEN | UID_GID
     assert status["queue"]["copy_range"] == 128
     assert status["queue"]["id_sequence"] > 0
     assert status["queue"]["missed"] == 0

@@ -692,11 +692,14 @@ def queued_packets(draw: st.DrawFn) -> tuple[bytes, tuple]:
     attrs += [attr(5, struct.pack("!I", indev))] if indev else []  # NFQA_IFINDEX_INDEV
     attrs += [attr(6, struct.pack("!I", outdev))] if outdev else []  # NFQA_IFINDEX_OUTDEV
     # Attributes we do not read: mark, timestamp, physical devices, hardware address, conntrack...
-    others = st.sampled_from([3, 4, 7, 8, 9, 11, 12, *range(14, 41)])
+    others = st.sampled_from([3, 4, 7, 8, 9, 11, 12, 14, 15, *range(17, 41)])
     attrs += draw(st.lists(st.builds(attr, others, st.binary(max_size=16)), max_size=3))
+    uid = draw(st.one_of(st.none(), U32))
+    attrs += [attr(16, struct.pack("!I", uid))] if uid is not None else []  # NFQA_UID
     attrs = draw(st.permutations(attrs))
     message = nlmsg(PACKET_TYPE, struct.pack("!BBH", 2, 0, 5) + b"".join(attrs))
     expected = (packet_id, hook, payload, cap_len if cap_len is not None else len(payload), indev, outdev)
+    expected += (uid if uid is not None else -1,)
     return message, expected
 
 
