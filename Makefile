@@ -37,6 +37,7 @@ lint: setup
 bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/queue_reader.py
+	$(PY) bench/setup_latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
