@@ -92,11 +92,6 @@ def messages(buf: bytes, *, partial: bool = False, strict: bool = False) -> Iter
         off += align(length)
 
 
-def message_span(msg: Message) -> slice:
-    """The bytes of `msg` in its buffer, with the padding before the next message."""
-    return slice(msg.start - NLMSG_HDRLEN, align(msg.end))
-
-
 def error_code(buf: bytes, msg: Message) -> int:
     """The errno an NLMSG_ERROR answers with: 0 for an acknowledgement.
 
