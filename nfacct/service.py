@@ -214,9 +214,8 @@ class Service:
 
     def _waiting(self) -> int:
         """Packets queued for us or a predecessor and not yet read."""
-        others = set(takeover_pair(self.config.queue)) - {self.queue.number}
-        stats = self.queue.all_kernel_stats()
-        return sum(s.waiting for n, s in stats.items() if n in (self.queue.number, *others))
+        ours = takeover_pair(self.config.queue)  # our queue is always one of the pair
+        return sum(s.waiting for n, s in self.queue.all_kernel_stats().items() if n in ours)
 
     # ---- per packet ---------------------------------------------------------------------------
 
