@@ -19,7 +19,7 @@ from . import __version__, control, text
 from .control import ControlError
 from .netns import NetnsError
 from .queue import QUEUE_MAXLEN, QueueError
-from .rules import DEFAULT_QUEUE, Rules, RulesError
+from .rules import DEFAULT_QUEUE, FLOW_SET_SIZE, OFFLOAD_MARK, Rules, RulesError
 from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
 
@@ -33,6 +33,16 @@ def queue_number(value: str) -> int:
         raise argparse.ArgumentTypeError(f"queue number must be an integer, not {value!r}") from None
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"queue number {n} is out of range 0-65535")
+    return n
+
+
+def mark_bit(value: str) -> int:
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"mark bit must be a number (0x10000000), not {value!r}") from None
+    if n <= 0 or n > 0xFFFFFFFF or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"mark bit {value} must be a single bit of the 32-bit mark")
     return n
 
 
@@ -118,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install":
             a.add_argument("--queue", type=queue_number, default=DEFAULT_QUEUE, metavar="N")
             a.add_argument("--backend", choices=("auto", "nft", "iptables-nft"), default="auto")
+            a.add_argument(
+                "--offload-mark",
+                type=mark_bit,
+                default=OFFLOAD_MARK,
+                metavar="BIT",
+                help=f"the mark bit that tells iptables-nft's queue rules a packet was counted by the "
+                f"flow sets (default {OFFLOAD_MARK:#x}; one bit, cleared and set by nfacct only; "
+                "see docs/install.md)",
+            )
         if name == "show":
             a.add_argument("--json", action="store_true")
 
@@ -176,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
         "up to 64 KiB with GSO, 64 GiB at the limit",
     )
     run.add_argument(
+        "--mode",
+        choices=("offload", "queue"),
+        default="offload",
+        help="offload (default): once a flow's owner is known, the kernel counts it in the flow sets "
+        "and its packets no longer wait for the daemon; queue: every packet goes through the daemon",
+    )
+    run.add_argument(
+        "--max-offloaded",
+        type=count(FLOW_SET_SIZE),
+        default=FLOW_SET_SIZE,
+        metavar="N",
+        help=f"flows counted in the kernel at once; beyond, they stay on the queue path and `status` "
+        f"counts them as overflow (default and most {FLOW_SET_SIZE:,}, the size of each flow set)",
+    )
+    run.add_argument(
         "--no-hold",
         action="store_true",
         help="let the first packet of a new outgoing TCP connection pass before its owner is found "
@@ -217,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_rules(args: argparse.Namespace) -> int:
     rules = Rules(args.netns)
     if args.action == "install":
-        backend = rules.install(args.queue, args.backend)
+        backend = rules.install(args.queue, args.backend, args.offload_mark)
         print(f"installed queue {args.queue} rules with backend {backend}")
     elif args.action == "remove":
         rules.remove()
@@ -257,6 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         queue_maxlen=args.queue_maxlen,
         takeover=args.takeover,
         hold_new_connections=not args.no_hold,
+        mode=args.mode,
+        max_offloaded=args.max_offloaded,
     )
     try:
         service = Service(config)

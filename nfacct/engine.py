@@ -6,6 +6,12 @@ handed to the resolver; its answers are applied by `apply_answers()` in the same
 
 The engine owns its tables: the daemon tells it what happened (a process exited or exec'd, a
 socket was destroyed, time passed) and asks what to write, and the tables change only here.
+
+Offload: a flow whose owner is settled is handed to the kernel (`take_offloadable`), whose set
+elements count it from then on; their readings come back through `credit`, which adds what
+they counted since the last reading wherever the flow's packets go. Which flows are in the
+kernel, and how much of their elements' counts is credited, lives here; the netlink side is
+nfacct.offload.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ class Engine:
         self.malformed: dict[str, int] = {}
         self.unattributed_fragments = 0
         self._fragments: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
+        self._offloadable: list[FlowKey] = []  # settled since the last take_offloadable
+        # [direction][protocol name] = [packets, bytes] the flow sets counted (credited so far)
+        self.offloaded = {d: {p: [0, 0] for p in ("tcp", "udp")} for d in ("in", "out")}
+        self.credited: set[FlowKey] = set()  # offload readings changed since the last checkpoint
+        self.forgotten: set[FlowKey] = set()  # flows out of the kernel since the last checkpoint
 
     def account(
         self,
@@ -131,6 +142,104 @@ class Engine:
             else:
                 si.resolve(task)
                 si.closed = False  # a live socket holds the flow (again)
+            if si.offload is None:
+                self._offloadable.append(answer.key)
+
+    # ---- offload: the kernel counts settled flows ----------------------------------------------
+
+    def take_offloadable(self) -> list[FlowKey]:
+        """Flows settled since the last call that the kernel may count from now on: their owner
+        is known (or known to be nobody), their socket open, their owner running."""
+        keys, self._offloadable = self._offloadable, []
+        socks = self.tables.socks
+        out = []
+        for key in dict.fromkeys(keys):
+            si = socks.get(key)
+            if (
+                si is not None
+                and si.offload is None
+                and not si.closed
+                and si.state in _SETTLED
+                and (si.task is None or si.task.exit_time is None)
+            ):
+                out.append(key)
+        return out
+
+    def offloaded_now(self, keys: list[FlowKey]) -> None:
+        """These flows' elements are in the kernel, counting from zero."""
+        for key in keys:
+            si = self.tables.socks.get(key)
+            if si is not None:
+                si.offload = [0, 0, 0, 0]
+                self.credited.add(key)
+
+    def credit(self, key: FlowKey, reading: list[int], now: float) -> None:
+        """A reading of a flow's elements, (out packets, out bytes, in packets, in bytes) since they
+        were added: what it adds to the last one counts for the flow, wherever its packets go
+        (its task, its unidentified bucket, or temporary counters while a lookup is out)."""
+        si = self.tables.socks.get(key)
+        base = None if si is None else si.offload
+        if base is None or reading == base:
+            return
+        if reading[0] < base[0] or reading[2] < base[2]:  # not the elements we read before
+            base = [0, 0, 0, 0]
+        proto = key[0]
+        slot = counter_base(proto)
+        c = si.counters
+        name = PROTO_NAMES[proto]
+        for direction, i in (("out", 0), ("in", 2)):
+            packets, nbytes = reading[i] - base[i], reading[i + 1] - base[i + 1]
+            if packets:
+                c[slot + i] += packets
+                c[slot + i + 1] += nbytes
+                stats = self.offloaded[direction][name]
+                stats[0] += packets
+                stats[1] += nbytes
+                si.last_seen = now
+        si.offload = list(reading)
+        self.credited.add(key)
+
+    def adopt(self, key: FlowKey, credited: list[int], now: float) -> None:
+        """An element found in the kernel at start whose flow we do not hold: `credited` of its
+        reading is already in the totals we continue (the predecessor's checkpoint)."""
+        if key not in self.tables.socks:
+            si = self.tables.add_sock(key, now)
+            si.offload = list(credited)
+            self.submit(key, 0)
+
+    def withdrawn(self, key: FlowKey) -> None:
+        """The flow's elements are gone (after their last `credit`): its packets come to us again."""
+        si = self.tables.socks.get(key)
+        if si is not None and si.offload is not None:
+            si.offload = None
+            self.forgotten.add(key)
+
+    def take_withdrawals(self) -> list[FlowKey]:
+        """Offloaded flows whose elements must go: socket closed, owner exited, or idle for GC."""
+        keys, self.tables.withdraw = self.tables.withdraw, set()
+        socks = self.tables.socks
+        return [k for k in keys if k in socks and socks[k].offload is not None]
+
+    def offloaded_flows_of(self, tgids: list[int]) -> list[FlowKey]:
+        socks, running = self.tables.socks, self.tables.running
+        return [
+            key
+            for tgid in tgids
+            if tgid in running
+            for key in running[tgid].socks
+            if key in socks and socks[key].offload is not None
+        ]
+
+    def offloaded_flows(self) -> dict[FlowKey, list[int]]:
+        return {key: si.offload for key, si in self.tables.socks.items() if si.offload is not None}
+
+    def take_offload_changes(self) -> tuple[dict[FlowKey, list[int]], list[FlowKey]]:
+        """Readings credited and flows withdrawn since the last call (for the checkpoint)."""
+        socks = self.tables.socks
+        credited = {k: socks[k].offload for k in self.credited if k in socks and socks[k].offload is not None}
+        forgotten = [k for k in self.forgotten if k not in credited]
+        self.credited, self.forgotten = set(), set()
+        return credited, forgotten
 
     def status(self) -> dict:
         return {
@@ -139,6 +248,7 @@ class Engine:
             "malformed": dict(self.malformed),
             "malformed_total": sum(self.malformed.values()),
             "unattributed_fragments": self.unattributed_fragments,
+            "offloaded_by_protocol": self.offloaded,
             **self.tables.status(),
             "errors": self.errors,
         }

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 from .coverage import NOT_COUNTING, Coverage
 from .engine import Engine
+from .offload import flow_bytes, flow_from_bytes
 from .procs import is_alive
-from .store import Store
+from .store import Offloaded, Store
 from .tables import COUNTER_NAMES, FlowKey, TaskInfo
 
 log = logging.getLogger("nfacct")
@@ -100,10 +101,29 @@ class Persistence:
                 self._pending_gaps.append(gap.as_dict())
             state[self.coverage_key] = self.coverage.state(seen)
         changed = self.engine.running_unwritten()
-        self.store.checkpoint([t.row() for t in changed], self._pending_gaps, state)
+        credited, forgotten = self.engine.take_offload_changes()
+        offloaded = Offloaded(
+            self.coverage_key,
+            {flow_bytes(k): reading for k, reading in credited.items()},
+            [flow_bytes(k) for k in forgotten],
+        )
+        try:
+            self.store.checkpoint([t.row() for t in changed], self._pending_gaps, state, offloaded)
+        except BaseException:  # written next time, with whatever changes meanwhile
+            self.engine.credited.update(credited)
+            self.engine.forgotten.update(forgotten)
+            raise
         self._pending_gaps = []
         for t in changed:
             t.checkpointed = list(t.counters)
+
+    def offloaded(self) -> dict[FlowKey, list[int]]:
+        """The element readings the last checkpoint's totals include (for `Offloader.start`)."""
+        saved = {
+            flow_from_bytes(key): reading for key, reading in self.store.offloaded(self.coverage_key).items()
+        }
+        saved.pop(None, None)
+        return saved
 
     def coverage_status(self, rules_problem: str) -> dict:
         """What `status` shows of the ledger: a snapshot, not settled (that is the checkpoint's job)."""

@@ -30,11 +30,12 @@ from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
 from .guard import Guard
+from .offload import FlowSets, Offloader, OffloadError
 from .persistence import Persistence
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue, QueuedPacket
 from .resolver import Resolver
-from .rules import Rules, RulesError, takeover_pair
+from .rules import FLOW_SET_SIZE, Rules, RulesError, takeover_pair
 from .sockdiag import ALL_STATES, DestroyEvents, SockDiag, SockDiagError
 from .store import DEFAULT_DB, Store
 from .tables import HANDOVER_FORMAT, GcConfig
@@ -44,6 +45,8 @@ log = logging.getLogger("nfacct")
 PERSIST_TICK = 0.25
 MAX_WAIT = 1.0  # the loop looks at its timers at least this often, whatever they are set to
 HOLD_MAX = 4096  # first packets held for their lookup at most; beyond, they pass at once
+FRESH = 1.0  # seconds: the oldest reading of the flow sets' counters `top` and `status` may show
+MODES = ("offload", "queue")
 
 
 @dataclass
@@ -60,6 +63,8 @@ class ServiceConfig:
     queue_maxlen: int = QUEUE_MAXLEN
     takeover: bool = False  # replace the daemon answering at control_path without a gap
     hold_new_connections: bool = True  # an outgoing packet that starts a lookup waits for it
+    mode: str = "offload"  # "queue": every packet through the queue, as before flow offload
+    max_offloaded: int = FLOW_SET_SIZE  # flows counted in the kernel at once; beyond, on the queue
 
     @property
     def coverage_key(self) -> str:
@@ -179,11 +184,60 @@ class Service:
         )
         for key in self.persistence.restore(counter_at_start, handed):
             self.resolver.submit(key, 0)
+        self._start_offload(cfg)
         # Only now, when the loop is about to read: a takeover's queue fills while the predecessor
         # drains, and those packets are ours to count, not the guard's to let pass.
         self.guard = Guard(self.queue.fileno(), number)
         self._resources.callback(self.guard.stop)  # before the queue closes: it shares its socket
         self.queue.on_read = self.guard.beat
+
+    def _start_offload(self, cfg: ServiceConfig) -> None:
+        """Open the flow sets and continue from the elements in them (a predecessor's, even in
+        queue mode: their counts are taken, then they go). Without sets, every packet is queued."""
+        self.offloader: Offloader | None = None
+        self.offload_problem = ""
+        if self.rules is None:
+            self.offload_problem = self.rules_problem
+        elif not self.rules.has_flow_sets():
+            self.offload_problem = "the installed ruleset has no flow sets: run `nfacct rules install` again"
+        if self.offload_problem:
+            if cfg.mode == "offload":
+                log.warning("flow offload off, every packet goes through the queue: %s", self.offload_problem)
+            return
+        try:
+            sets = FlowSets(cfg.netns)
+        except OffloadError as e:
+            raise ServiceError(str(e)) from None
+        self._resources.callback(sets.close)
+        self.offloader = Offloader(sets, self.engine, self.faults, cfg.max_offloaded, cfg.mode)
+        try:
+            self.offloader.start(self.persistence.offloaded())
+        except (OffloadError, OSError) as e:
+            raise ServiceError(f"reading the flow sets failed: {e}") from None
+
+    def _offload(self, work: str, max_age: float = 0.0) -> None:
+        """Flush or refresh the flow sets; a failure is counted and logged once, never fatal: the
+        flows stay on the queue path, or their counts come at the next reading."""
+        if self.offloader is None:
+            return
+        try:
+            if work == "flush":
+                self.offloader.flush()
+            else:
+                self.offloader.refresh(max_age)
+        except (OffloadError, OSError) as e:
+            self.faults.record(f"flow sets ({work})", e)
+
+    def _exited(self, tgids: list[int], now: float) -> None:
+        """Processes ended: their offloaded flows' last counts first (one batch for them all), so
+        what they are written with is whole; then their sockets wait for whoever holds them next."""
+        if self.offloader is not None:
+            try:
+                self.offloader.withdraw(self.engine.offloaded_flows_of(tgids))
+            except (OffloadError, OSError) as e:
+                self.faults.record("flow sets (withdraw)", e)
+        for tgid in tgids:
+            self.engine.process_exited(tgid, now)
 
     def _drop_queue_quietly(self, number: int) -> None:
         with contextlib.suppress(RulesError):
@@ -248,15 +302,17 @@ class Service:
 
     def _on_proc_events(self) -> None:
         now = time.time()
+        exits = []
         for ev in self.events.read():
             if ev.kind == "exit" and ev.pid == ev.tgid:  # the group leader: the process
-                self.engine.process_exited(ev.tgid, now)
+                exits.append(ev.tgid)
             elif ev.kind == "fork":
                 self.resolver.note_new_process(ev.tgid)
             elif ev.kind == "exec" and self.engine.is_running(ev.tgid):
                 facts = process_facts(ev.tgid)
                 if facts is not None:
                     self.engine.process_execed(facts)
+        self._exited(exits, now)
         if self.events.overruns > self._seen_overruns:
             self._seen_overruns = self.events.overruns
             self._poll_liveness()  # events were lost: check every task once
@@ -267,9 +323,7 @@ class Service:
 
     def _poll_liveness(self) -> None:
         now = time.time()
-        for task in self.engine.running_tasks():
-            if not is_alive(task.pid, task.btime):
-                self.engine.process_exited(task.pid, now)
+        self._exited([t.pid for t in self.engine.running_tasks() if not is_alive(t.pid, t.btime)], now)
 
     def _dump_closed(self) -> None:
         live = set()
@@ -286,6 +340,7 @@ class Service:
         if cmd == "ping":
             return {"ok": True, "handover_format": HANDOVER_FORMAT}
         self.engine.apply_answers(self.resolver.work())
+        self._offload("refresh", FRESH)
         if cmd == "top":
             return {"time": time.time(), "tasks": self.engine.top()}
         if cmd == "status":
@@ -316,6 +371,9 @@ class Service:
             "engine": self.engine.status(),
             "queue": queue,
             "coverage": self.persistence.coverage_status(self.rules_problem),
+            "offload": self.offloader.status()
+            if self.offloader is not None
+            else {"mode": "queue", "problem": self.offload_problem or None},
             "resolver": {**self.resolver.status(), "sock_diag_requests": self.sockdiag.requests},
             "events": {
                 "process_exits": self.events_mode,
@@ -369,11 +427,13 @@ class Service:
                     self.engine.apply_answers(self.resolver.work())
                 finally:
                     self._release_held()
+                self._offload("flush")
                 self.control.work()  # one command per turn: the queue is served between them
                 self._timers(due)
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
+            self._offload("flush")
             self._checkpoint()
             if self.control.held:
                 tables = self.engine.export()
@@ -432,6 +492,7 @@ class Service:
                     self.faults.record(job, e)
 
     def _checkpoint(self) -> None:
+        self._offload("refresh")
         accepted = self.guard.accepted
         stalled, self._guard_seen = accepted > self._guard_seen, accepted
         self.persistence.checkpoint(reason=STALLED if stalled else None)
@@ -441,7 +502,9 @@ class Service:
             if self.destroy is None:
                 self._dump_closed()
         finally:  # a failed dump must not cost the cycle its idle and exited removals
+            self._offload("refresh", FRESH)  # offloaded flows are idle only if their elements say so
             self.engine.gc()
+            self._offload("flush")  # idle offloaded flows: their elements go first, GC drops them next
 
     def close(self) -> None:
         self._resources.close()

@@ -4,7 +4,9 @@
 totals. `live_tasks` is the latest checkpoint of running processes, so a restarted daemon
 continues their counts and a process that exits while no daemon runs is still recorded.
 `unaccounted` records packets that reached the queue rule but no process's totals (see
-`coverage`), and `state` the counter value the last checkpoint settled. The
+`coverage`), and `state` the counter value the last checkpoint settled. `offloaded_flows` holds,
+per namespace (`scope`), the element readings of offloaded flows that the checkpoint's totals
+include, so a daemon restarted after a crash credits exactly what its elements counted since. The
 file is plain SQLite in WAL mode: sqlite-utils and Datasette open it without help.
 
 Command lines are other users' secrets: the file and its -wal and -shm are root's alone (0600),
@@ -27,6 +29,7 @@ import stat
 import time
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import sqlite_utils
 
@@ -36,7 +39,7 @@ from .tables import COUNTER_NAMES
 
 log = logging.getLogger("nfacct")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_DB = "/var/lib/nfacct/nfacct.db"
 SIDECARS = ("-wal", "-shm")  # SQLite's companions of a WAL database, named after it
 
@@ -44,6 +47,7 @@ _facts = {"pid": int, "btime": float, "command": str, "cmdline": str, "uid": int
 _counters = dict.fromkeys(COUNTER_NAMES, int)
 EXITED_COLUMNS = (*_facts, "exit_time", *COUNTER_NAMES)
 LIVE_COLUMNS = (*_facts, "checkpoint_time", *COUNTER_NAMES)
+OFFLOAD_COLUMNS = ("out_packets", "out_bytes", "in_packets", "in_bytes")
 NAME_COLUMNS = ("command", "cmdline", "cgroup")  # TEXT, or BLOB when not UTF-8 (text.to_sql)
 BY_COLUMNS = {"command": "command", "uid": "uid", "cgroup": "cgroup", "pid": "pid"}
 # SQLITE_CORRUPT ("database disk image is malformed") and SQLITE_NOTADB ("file is not a database")
@@ -56,6 +60,16 @@ _ROOT_ONLY = (
 
 class StoreError(Exception):
     pass
+
+
+@dataclass
+class Offloaded:
+    """What a checkpoint writes of the offloaded flows of one namespace: the readings credited
+    since the last one, and the flows whose elements are gone."""
+
+    scope: str
+    credited: dict[bytes, list[int]]
+    forgotten: list[bytes]
 
 
 def _migrate(db: sqlite_utils.Database) -> None:
@@ -78,6 +92,12 @@ def _migrate(db: sqlite_utils.Database) -> None:
         )
         db["unaccounted"].create_index(["end"], if_not_exists=True)
         db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    if version < 3:
+        db["offloaded_flows"].create(
+            {"scope": str, "flow": bytes, **dict.fromkeys(OFFLOAD_COLUMNS, int)},
+            pk=("scope", "flow"),
+            if_not_exists=True,
+        )
     # Later versions add their steps here, each guarded by `if version < N`.
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -316,12 +336,18 @@ class Store:
         self.writes += 1
 
     def checkpoint(
-        self, changed: list[dict], gaps: list[dict] = (), state: dict[str, str] | None = None
+        self,
+        changed: list[dict],
+        gaps: list[dict] = (),
+        state: dict[str, str] | None = None,
+        offloaded: Offloaded | None = None,
     ) -> None:
         """Update the checkpoint of live processes with the rows that `changed` since the last
-        one (exited processes leave it through `save_exited`); record `gaps` and `state` with it.
+        one (exited processes leave it through `save_exited`); record `gaps`, `state` and the
+        changes of `offloaded` with it.
 
-        One transaction, so the settled counter in `state` always matches the totals beside it.
+        One transaction, so the settled counter in `state` and the readings in `offloaded_flows`
+        always match the totals beside them.
         """
         now = time.time()
         with self.db.conn:
@@ -332,7 +358,24 @@ class Store:
                 self.db["unaccounted"].insert_all(gaps)
             if state:
                 self.db["state"].upsert_all([{"key": k, "value": v} for k, v in state.items()], pk="key")
+            if offloaded is not None:
+                self.db.conn.executemany(
+                    "INSERT OR REPLACE INTO offloaded_flows VALUES (?, ?, ?, ?, ?, ?)",
+                    [(offloaded.scope, flow, *reading) for flow, reading in offloaded.credited.items()],
+                )
+                self.db.conn.executemany(
+                    "DELETE FROM offloaded_flows WHERE scope = ? AND flow = ?",
+                    [(offloaded.scope, flow) for flow in offloaded.forgotten],
+                )
         self.writes += 1
+
+    def offloaded(self, scope: str) -> dict[bytes, list[int]]:
+        """The element readings the last checkpoint's totals include, by flow."""
+        with self._reading():
+            rows = self.db.execute(
+                f"SELECT flow, {', '.join(OFFLOAD_COLUMNS)} FROM offloaded_flows WHERE scope = ?", (scope,)
+            ).fetchall()
+        return {bytes(flow): list(reading) for flow, *reading in rows}
 
     def state(self, key: str) -> str | None:
         with self._reading():

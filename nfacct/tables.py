@@ -97,7 +97,7 @@ NO_UID = -1  # the queue did not say whose socket sent or received the packet
 
 
 class SockInfo:
-    __slots__ = ("closed", "counters", "key", "last_seen", "state", "task", "uid")
+    __slots__ = ("closed", "counters", "key", "last_seen", "offload", "state", "task", "uid")
 
     # PENDING: owner being looked up, counting on temporary counters. RESOLVED: counting for
     # `task`. ORPHANED: `task` exited while the socket may live on in another process; the next
@@ -120,6 +120,9 @@ class SockInfo:
         self.last_seen = now
         self.closed = False
         self.uid = uid  # the socket's owner uid, as the queue reported it: the unidentified bucket
+        # Offloaded: the flow's set elements count it in the kernel. Their readings credited so far
+        # (out packets, out bytes, in packets, in bytes); None while the queue brings its packets.
+        self.offload: list[int] | None = None
 
     def resolve(self, task: TaskInfo) -> None:
         """Count for `task` from now on: temporary counters move to it; a previous owner keeps its own."""
@@ -166,6 +169,9 @@ class Tables:
         self.gc_runs = 0
         self.gc_removed_socks = 0
         self.gc_removed_tasks = 0
+        # Offloaded flows whose elements must go (their socket closed, or GC would drop them):
+        # the daemon reads their last counts as it removes them (nfacct.offload).
+        self.withdraw: set[FlowKey] = set()
 
     def task(
         self, pid: int, btime: float, comm: str, cmdline: str, uid: int, cgroup: str = ""
@@ -198,6 +204,8 @@ class Tables:
             si = self.socks.get(key)
             if si is not None and not si.closed:
                 si.orphan()
+                if si.offload is not None:  # the next packet must reach us, to ask who holds it now
+                    self.withdraw.add(key)
 
     def unidentified_for(self, uid: int) -> list[int]:
         """The counters of unidentified traffic of `uid` (NO_UID: unknown)."""
@@ -241,7 +249,7 @@ class Tables:
             if (local == k_local or not any(local)) and (
                 rport == 0 or (remote == k_remote and rport == k_rport)
             ):
-                self.socks[key].closed = True
+                self._close(self.socks[key])
                 marked += 1
         return marked
 
@@ -250,7 +258,12 @@ class Tables:
         for port, keys in self._by_port.items():
             if port not in live:
                 for key in keys:
-                    self.socks[key].closed = True
+                    self._close(self.socks[key])
+
+    def _close(self, si: SockInfo) -> None:
+        si.closed = True
+        if si.offload is not None:  # late packets (and a new socket on the port) come to us again
+            self.withdraw.add(si.key)
 
     def gc(self, now: float | None = None) -> None:
         """Drop idle sockinfos (netatop's rules) and exited tasks that are saved and unreferenced."""
@@ -268,6 +281,9 @@ class Tables:
                 or (proto == TCP and idle >= cfg.tcp_idle)
                 or (proto != TCP and lport > 1024 and idle >= cfg.udp_idle)
             ):
+                if si.offload is not None:
+                    self.withdraw.add(si.key)  # its last counts first; the next cycle drops it
+                    continue
                 self.remove_sock(si)
                 self.gc_removed_socks += 1
         for key, task in list(self.tasks.items()):
@@ -286,6 +302,7 @@ class Tables:
             "sockinfo": len(self.socks),
             "sockinfo_by_state": states,
             "sockinfo_closed": sum(si.closed for si in self.socks.values()),
+            "sockinfo_offloaded": sum(si.offload is not None for si in self.socks.values()),
             "taskinfo": len(self.tasks),
             "taskinfo_exited": sum(t.exit_time is not None for t in self.tasks.values()),
             "sockinfo_overflow": self.sock_overflow,
@@ -321,6 +338,7 @@ class Tables:
                     "last_seen": si.last_seen,
                     "closed": si.closed,
                     "uid": si.uid,
+                    "offload": si.offload,
                 }
             )
         return {
@@ -346,6 +364,7 @@ class Tables:
             key = (proto, bytes.fromhex(local), lport, bytes.fromhex(remote), rport)
             si = self.add_sock(key, d["last_seen"], d["uid"])
             si.closed = d["closed"]
+            si.offload = d["offload"]
             si.task = tasks[d["task"]] if d["task"] is not None else None
             if si.task is not None:
                 si.task.socks.add(key)
@@ -364,7 +383,7 @@ class Tables:
 
 # The layout of `export()`. A daemon refuses to take over tables of another format (an upgrade
 # that changes them restarts instead, and the gap is recorded); format 1 was positional lists.
-HANDOVER_FORMAT = 3  # 3: unidentified traffic by uid
+HANDOVER_FORMAT = 4  # 3: unidentified traffic by uid; 4: offloaded flows' credited readings
 
 
 class HandoverError(Exception):

@@ -15,11 +15,30 @@ import shutil
 from dataclasses import dataclass
 
 from .. import netns
-from .base import DAEMON_MARK, Backend, Namespace, QueueRule, RulesError
+from .base import (
+    DAEMON_MARK,
+    FLOW_SET_SIZE,
+    OFFLOAD_MARK,
+    Backend,
+    Namespace,
+    QueueRule,
+    RulesError,
+    check_offload_mark,
+)
 from .iptables import IptablesBackend
 from .nft import NftBackend
 
-__all__ = ["DAEMON_MARK", "DEFAULT_QUEUE", "QueueRule", "Rules", "RulesError", "RulesState", "takeover_pair"]
+__all__ = [
+    "DAEMON_MARK",
+    "DEFAULT_QUEUE",
+    "FLOW_SET_SIZE",
+    "OFFLOAD_MARK",
+    "QueueRule",
+    "Rules",
+    "RulesError",
+    "RulesState",
+    "takeover_pair",
+]
 
 DEFAULT_QUEUE = 0
 PACKAGE_OF = {"nft": "nftables", "iptables-nft": "iptables", "ip6tables-nft": "iptables"}
@@ -63,14 +82,22 @@ class Rules:
         # The native backend first: `show` and `queue_rules` look at it first, as they always have.
         self._backends: dict[str, Backend] = {b.name: b for b in (self._native, IptablesBackend(self._ns))}
 
+    def has_flow_sets(self) -> bool:
+        """Whether the installed ruleset has the flow sets (an nfacct before offload had none)."""
+        return self._ns.has_flow_sets()
+
     def native_queue_supported(self) -> bool:
         """Whether the kernel accepts nft's `queue` statement; checked without changing anything."""
         return self._native.supported()
 
-    def install(self, queue: int = DEFAULT_QUEUE, backend: str = "auto") -> str:
-        """Install (or replace) the ruleset; idempotent. Returns the backend used."""
+    def install(
+        self, queue: int = DEFAULT_QUEUE, backend: str = "auto", offload_mark: int = OFFLOAD_MARK
+    ) -> str:
+        """Install (or replace) the ruleset; idempotent. Returns the backend used. `offload_mark`
+        is the mark bit the iptables-nft backend needs (the native one needs none)."""
         if not 0 <= queue <= 65535:
             raise RulesError(f"queue number {queue} is out of range 0-65535")
+        check_offload_mark(offload_mark)
         if backend == "auto":
             backend = "nft" if self.native_queue_supported() else "iptables-nft"
         chosen = self._backends.get(backend)
@@ -83,7 +110,7 @@ class Rules:
         for other in self._backends.values():
             if other is not chosen:
                 other.remove()
-        chosen.install(queue)
+        chosen.install(queue, offload_mark)
         return backend
 
     def remove(self) -> None:

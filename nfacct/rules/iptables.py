@@ -1,6 +1,9 @@
 """The iptables-nft backend, for kernels built without nft_queue: the xtables NFQUEUE target
 through nft_compat, in chains NFACCT_OUT/NFACCT_IN of the ip and ip6 filter tables, jumped to
 from OUTPUT/INPUT. Changes go through iptables-nft and ip6tables-nft, one rule at a time.
+
+The flow sets live in table inet nfacct (nfacct/data/offload.nft), whose chains run just before
+these and mark the packets they count with one bit; the NFACCT chains return on that bit.
 """
 
 from __future__ import annotations
@@ -9,12 +12,13 @@ import json
 import subprocess
 from collections.abc import Callable
 
-from .base import COUNT_COMMENT, DAEMON_MARK, Backend, QueueRule, first_per_chain
+from .base import COUNT_COMMENT, DAEMON_MARK, TABLE, Backend, QueueRule, first_per_chain, render
 
 TOOLS = {"ip": "iptables-nft", "ip6": "ip6tables-nft"}  # by nft family
 CHAINS = (("OUTPUT", "NFACCT_OUT"), ("INPUT", "NFACCT_IN"))
 OURS = {chain for _builtin, chain in CHAINS}
-QUEUE_RULENUM = 3  # mark → RETURN, count, NFQUEUE (the first queue rule)
+OFFLOAD_CHAINS = ("offload_output", "offload_input")  # in table inet nfacct
+QUEUE_RULENUM = 4  # daemon's mark → RETURN, offload bit → RETURN, count, NFQUEUE (the first queue rule)
 
 
 def queue_target(queue: int) -> list[str]:
@@ -34,12 +38,15 @@ class IptablesBackend(Backend):
     def owns(self, rule: dict) -> bool:
         return rule["family"] in TOOLS and rule["table"] == "filter" and rule["chain"] in OURS
 
-    def install(self, queue: int) -> None:
+    def install(self, queue: int, offload_mark: int) -> None:
+        self.ns.nft(render("offload.nft", BIT=offload_mark, CLEAR=0xFFFFFFFF & ~offload_mark))
+        bit = f"{offload_mark:#x}/{offload_mark:#x}"
         for family in TOOLS:
             for _builtin, chain in CHAINS:
                 self._run(family, "-F" if self._succeeds(family, "-S", chain) else "-N", chain)
             for _builtin, chain in CHAINS:
                 self._run(family, "-A", chain, "-m", "mark", "--mark", hex(DAEMON_MARK), "-j", "RETURN")
+                self._run(family, "-A", chain, "-m", "mark", "--mark", bit, "-j", "RETURN")
                 self._run(family, "-A", chain, "-m", "comment", "--comment", COUNT_COMMENT)
                 self._run(family, "-A", chain, *queue_target(queue))
             for builtin, chain in CHAINS:
@@ -55,6 +62,15 @@ class IptablesBackend(Backend):
                     self._run(family, "-F", chain)
                     self._run(family, "-X", chain)
             self._drop_table_if_empty(family)
+        if self._offload_installed():  # the table may be the native backend's
+            self.ns.run(["nft", "delete", "table", "inet", TABLE])
+
+    def _offload_installed(self) -> bool:
+        return any(
+            item["chain"]["table"] == TABLE and item["chain"]["name"] in OFFLOAD_CHAINS
+            for item in self.ns.items()
+            if "chain" in item and item["chain"]["family"] == "inet"
+        )
 
     def _drop_table_if_empty(self, family: str) -> None:
         """iptables-nft leaves its table and base chains behind; drop them if they hold nothing."""
@@ -74,7 +90,10 @@ class IptablesBackend(Backend):
             for family in TOOLS
             for _builtin, chain in CHAINS
         ]
-        return "".join(out.stdout for out in shown if out.returncode == 0)
+        if not any(out.returncode == 0 for out in shown):
+            return ""
+        offload = self.ns.table_listing() if self._offload_installed() else ""
+        return offload + "".join(out.stdout for out in shown if out.returncode == 0)
 
     def queue_rules(self) -> list[QueueRule]:
         """iptables-nft's JSON does not show the xt target's queue number, so this reads `-S`."""

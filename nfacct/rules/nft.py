@@ -1,5 +1,5 @@
-"""The native backend: table inet nfacct (nfacct/data/nfacct.nft) with nft's own `queue`
-statement. Kernels built without nft_queue (CONFIG_NFT_QUEUE unset) reject that statement.
+"""The native backend: table inet nfacct (nfacct/data/nfacct.nft) with the flow sets and nft's own
+`queue` statement. Kernels built without nft_queue (CONFIG_NFT_QUEUE unset) reject that statement.
 
 Every change is an nft script on stdin, one transaction each.
 """
@@ -7,18 +7,11 @@ Every change is an nft script on stdin, one transaction each.
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import resources
 
-from .base import DAEMON_MARK, Backend, QueueRule, first_per_chain
+from .base import DAEMON_MARK, TABLE, Backend, QueueRule, first_per_chain, render
 
-TABLE = "nfacct"
+CHAINS = ("output", "input")
 PROBE = "table inet nfacct_probe {\n\tchain probe {\n\t\tqueue num 0 bypass\n\t}\n}\n"
-
-
-def render(queue: int) -> str:
-    """The ruleset for `queue`; it replaces any table inet nfacct in the same transaction."""
-    template = resources.files("nfacct.data").joinpath("nfacct.nft").read_text()
-    return template.replace("@QUEUE@", str(queue)).replace("@MARK@", hex(DAEMON_MARK))
 
 
 class NftBackend(Backend):
@@ -37,18 +30,21 @@ class NftBackend(Backend):
         return self.ns.run(["nft", "-c", "-f", "-"], check=False, stdin=PROBE).returncode == 0
 
     def owns(self, rule: dict) -> bool:
-        return rule["family"] == "inet" and rule["table"] == TABLE
+        return rule["family"] == "inet" and rule["table"] == TABLE and rule["chain"] in CHAINS
 
-    def install(self, queue: int) -> None:
-        self.ns.nft(render(queue))
+    def install(self, queue: int, offload_mark: int) -> None:
+        # The mark bit is the iptables-nft backend's bridge; here one chain does both jobs.
+        self.ns.nft(render("nfacct.nft", QUEUE=queue, MARK=DAEMON_MARK))
+
+    def _installed(self) -> bool:
+        return any(self.owns(rule) for rule in self.ns.rules())
 
     def remove(self) -> None:
-        if self.ns.succeeds(["nft", "list", "table", "inet", TABLE]):
+        if self._installed():  # the table may be the iptables-nft backend's (its flow sets)
             self.ns.run(["nft", "delete", "table", "inet", TABLE])
 
     def listing(self) -> str:
-        shown = self.ns.run(["nft", "list", "table", "inet", TABLE], check=False)
-        return shown.stdout if shown.returncode == 0 else ""
+        return self.ns.table_listing() if self._installed() else ""
 
     def queue_rules(self) -> list[QueueRule]:
         return [

@@ -1,0 +1,461 @@
+"""The flow sets: nft set elements whose counters count attributed flows in the kernel.
+
+The ruleset (nfacct/data) holds four sets in table inet nfacct, one per family and direction,
+keyed by protocol . source address . source port . destination address . destination port as
+the packet carries them, each element with its own counter. A packet whose flow has an element
+is counted there and accepted, never queued. This room adds elements, reads their counters and
+removes them, over nf_tables netlink directly: one `nft` process per change costs 17 ms
+(FACTS.md), and a batch of a thousand elements is one sendmsg here.
+
+Removing an element answers with its last counter (NLM_F_ECHO): the kernel reports the element
+as the transaction that deletes it commits, so no packet falls between the last read and the
+removal.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from . import netlink
+from .engine import Engine
+from .faults import Faults
+from .netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+from .tables import FlowKey
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
+NFT_MSG_DELSETELEM = 14
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_EXPR = 7
+NFTA_SET_ELEM_EXPRESSIONS = 10
+NFTA_DATA_VALUE = 1
+NFTA_EXPR_NAME = 1
+NFTA_EXPR_DATA = 2
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
+NLA_F_NESTED = 0x8000
+NLM_F_ECHO = 8
+NLM_F_CREATE = 0x400
+NFPROTO_INET = 1
+
+TABLE = "nfacct"
+SETS = ("out4", "in4", "out6", "in6")  # the names the ruleset gives them
+# Elements per message and messages per sendmsg: a message of 512 IPv6 elements is 36 KiB, and a
+# batch stays well inside the socket's default send buffer (208 KiB).
+PER_MESSAGE = 512
+PER_BATCH = 4
+RCVBUF = 4 << 20  # the echoes of a batch of removals
+RECV_SIZE = 1 << 18  # more than one datagram of a dump or a batch's answers holds
+SO_RCVBUFFORCE = 33
+
+_nfgen = struct.Struct("!BBH")  # family, version, res_id (big-endian)
+_port = struct.Struct("!H2x")  # a port in its 32-bit register
+_be64 = struct.Struct("!Q")
+
+
+class OffloadError(Exception):
+    """The kernel refused a change to the flow sets; one line for the user."""
+
+
+class Element(NamedTuple):
+    set: str
+    key: bytes
+
+
+def _proto(proto: int) -> bytes:
+    return bytes((proto, 0, 0, 0))  # a u8 in its 32-bit register
+
+
+def elements(flow: FlowKey) -> tuple[Element, Element]:
+    """The flow's two elements: as its outgoing packets carry it, and as its incoming ones do."""
+    proto, local, lport, remote, rport = flow
+    family = "4" if len(local) == 4 else "6"
+    p, lp, rp = _proto(proto), _port.pack(lport), _port.pack(rport)
+    return (
+        Element("out" + family, p + local + lp + remote + rp),
+        Element("in" + family, p + remote + rp + local + lp),
+    )
+
+
+def flow_of(element: Element) -> FlowKey | None:
+    """The flow an element counts for (None: a key of no length we lay out)."""
+    k = element.key
+    n = {20: 4, 44: 16}.get(len(k))
+    if n is None:
+        return None
+    proto = k[0]
+    a, ap, b, bp = k[4 : 4 + n], k[4 + n : 6 + n], k[8 + n : 8 + 2 * n], k[8 + 2 * n : 10 + 2 * n]
+    ap_, bp_ = int.from_bytes(ap, "big"), int.from_bytes(bp, "big")
+    if element.set.startswith("out"):
+        return (proto, a, ap_, b, bp_)
+    return (proto, b, bp_, a, ap_)
+
+
+def flow_bytes(flow: FlowKey) -> bytes:
+    """The flow as bytes (its outgoing element's key), for the store."""
+    return elements(flow)[0].key
+
+
+def flow_from_bytes(key: bytes) -> FlowKey | None:
+    return flow_of(Element("out4" if len(key) == 20 else "out6", key))
+
+
+# ---- messages -----------------------------------------------------------------------------------
+
+
+def _msg_type(msg: int) -> int:
+    return (NFNL_SUBSYS_NFTABLES << 8) | msg
+
+
+def _nested(attr_type: int, payload: bytes) -> bytes:
+    return netlink.pack_attr(attr_type | NLA_F_NESTED, payload)
+
+
+def _cstr(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def element_message(msg: int, set_name: str, keys: Iterable[bytes], flags: int, seq: int) -> bytes:
+    """NEWSETELEM / DELSETELEM / GETSETELEM for `keys` of one set."""
+    listed = b"".join(
+        _nested(NFTA_LIST_ELEM, _nested(NFTA_SET_ELEM_KEY, netlink.pack_attr(NFTA_DATA_VALUE, key)))
+        for key in keys
+    )
+    payload = (
+        _nfgen.pack(NFPROTO_INET, 0, 0)
+        + netlink.pack_attr(NFTA_SET_ELEM_LIST_TABLE, _cstr(TABLE))
+        + netlink.pack_attr(NFTA_SET_ELEM_LIST_SET, _cstr(set_name))
+        + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, listed)
+    )
+    return netlink.pack_message(_msg_type(msg), payload, NLM_F_REQUEST | flags, seq)
+
+
+def dump_message(set_name: str, seq: int) -> bytes:
+    payload = (
+        _nfgen.pack(NFPROTO_INET, 0, 0)
+        + netlink.pack_attr(NFTA_SET_ELEM_LIST_TABLE, _cstr(TABLE))
+        + netlink.pack_attr(NFTA_SET_ELEM_LIST_SET, _cstr(set_name))
+    )
+    return netlink.pack_message(_msg_type(NFT_MSG_GETSETELEM), payload, NLM_F_REQUEST | NLM_F_DUMP, seq)
+
+
+def batch(messages: list[bytes], seq: int) -> bytes:
+    """One nf_tables transaction: all of `messages` take effect together, or none does."""
+    edge = _nfgen.pack(socket.AF_UNSPEC, 0, NFNL_SUBSYS_NFTABLES)
+    return (
+        netlink.pack_message(NFNL_MSG_BATCH_BEGIN, edge, NLM_F_REQUEST, seq)
+        + b"".join(messages)
+        + netlink.pack_message(NFNL_MSG_BATCH_END, edge, NLM_F_REQUEST, seq)
+    )
+
+
+def _counter(buf: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """(packets, bytes) of an expression attribute, if it is a counter."""
+    name, data = None, None
+    for t, s, e in netlink.attributes(buf, start, end):
+        if t == NFTA_EXPR_NAME:
+            name = bytes(buf[s:e]).rstrip(b"\0")
+        elif t == NFTA_EXPR_DATA:
+            data = (s, e)
+    if name != b"counter" or data is None:
+        return None
+    packets = nbytes = 0
+    for t, s, e in netlink.attributes(buf, *data):
+        if e - s == 8 and t == NFTA_COUNTER_PACKETS:
+            packets = _be64.unpack_from(buf, s)[0]
+        elif e - s == 8 and t == NFTA_COUNTER_BYTES:
+            nbytes = _be64.unpack_from(buf, s)[0]
+    return packets, nbytes
+
+
+def parse_elements(buf: bytes, msg: netlink.Message) -> Iterator[tuple[Element, tuple[int, int]]]:
+    """(element, (packets, bytes)) of each element with a counter in one NEW/DELSETELEM message."""
+    set_name, listed = None, None
+    for t, s, e in netlink.attributes(buf, msg.start + _nfgen.size, min(msg.end, len(buf))):
+        if t == NFTA_SET_ELEM_LIST_SET:
+            set_name = bytes(buf[s:e]).rstrip(b"\0").decode("ascii", "replace")
+        elif t == NFTA_SET_ELEM_LIST_ELEMENTS:
+            listed = (s, e)
+    if set_name is None or listed is None:
+        return
+    for t, s, e in netlink.attributes(buf, *listed):
+        if t != NFTA_LIST_ELEM:
+            continue
+        key, counted = None, None
+        for t2, s2, e2 in netlink.attributes(buf, s, e):
+            if t2 == NFTA_SET_ELEM_KEY:
+                for t3, s3, e3 in netlink.attributes(buf, s2, e2):
+                    if t3 == NFTA_DATA_VALUE:
+                        key = bytes(buf[s3:e3])
+            elif t2 == NFTA_SET_ELEM_EXPR:
+                counted = _counter(buf, s2, e2)
+            elif t2 == NFTA_SET_ELEM_EXPRESSIONS:
+                for t3, s3, e3 in netlink.attributes(buf, s2, e2):
+                    if t3 == NFTA_LIST_ELEM and counted is None:
+                        counted = _counter(buf, s3, e3)
+        if key is not None and counted is not None:
+            yield Element(set_name, key), counted
+
+
+# ---- the sets of one namespace -----------------------------------------------------------------
+
+
+class FlowSets:
+    """The four flow sets of one network namespace (None: ours), over one netlink socket."""
+
+    def __init__(self, netns_name: str | None = None):
+        try:
+            self._sock = netlink.open_socket(NETLINK_NETFILTER, netns_name)
+        except PermissionError as e:
+            raise OffloadError(f"cannot open nf_tables netlink socket: {e.strerror} (needs root)") from e
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        self._sock.bind((0, 0))
+        self._seq = 0
+        self.requests = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _batch(self, msg: int, by_set: list[tuple[str, list[bytes]]], flags: int) -> tuple[int, list]:
+        """One transaction of `msg` for the keys of each set: (errno or 0, the answers that are
+        not acknowledgements). The kernel answers while handling the sendmsg: all is there."""
+        seq = self._next_seq()
+        self._sock.send(
+            batch([element_message(msg, name, keys, flags | NLM_F_ACK, seq) for name, keys in by_set], seq)
+        )
+        self.requests += 1
+        acks, failure, answers = len(by_set), 0, []
+        while acks:
+            buf = self._sock.recv(RECV_SIZE)
+            for m in netlink.messages(buf):
+                if m.type == NLMSG_ERROR:
+                    if m.seq == seq:
+                        failure = failure or netlink.error_code(buf, m)
+                        acks -= 1
+                elif m.seq in (seq, 0):  # the echo of a removal is a notification: sequence 0
+                    answers.append((buf, m))
+        return failure, answers
+
+    def _apply(self, msg: int, elems: Iterable[Element], flags: int) -> tuple[list, dict[Element, int]]:
+        """`msg` for every element, PER_MESSAGE to a message and PER_BATCH messages to a
+        transaction; returns the answers and the elements the kernel refused, with its errno.
+        A transaction is whole: when one is refused, its elements are tried again one by one
+        to tell the refused ones (a full set, an element already gone) from the rest."""
+        by_set: dict[str, list[bytes]] = {}
+        for el in elems:
+            by_set.setdefault(el.set, []).append(el.key)
+        messages = [
+            (name, keys[i : i + PER_MESSAGE])
+            for name, keys in by_set.items()
+            for i in range(0, len(keys), PER_MESSAGE)
+        ]
+        answers, refused = [], {}
+        for i in range(0, len(messages), PER_BATCH):
+            chunk = messages[i : i + PER_BATCH]
+            failure, got = self._batch(msg, chunk, flags)
+            if not failure:
+                answers += got
+                continue
+            for name, keys in chunk:
+                for key in keys:
+                    failure, got = self._batch(msg, [(name, [key])], flags)
+                    answers += got
+                    if failure:
+                        refused[Element(name, key)] = failure
+        return answers, refused
+
+    def add(self, elems: Iterable[Element]) -> dict[Element, int]:
+        """Add elements (one already there keeps its counter); returns the refused ones, with the
+        kernel's errno (ENFILE: the set is full; ENOENT: no such set)."""
+        return self._apply(NFT_MSG_NEWSETELEM, elems, NLM_F_CREATE)[1]
+
+    def remove(self, elems: Iterable[Element]) -> tuple[dict[Element, tuple[int, int]], dict[Element, int]]:
+        """Delete elements: each deleted one's last (packets, bytes), and the refused ones with
+        the kernel's errno (ENOENT: it was not there)."""
+        answers, refused = self._apply(NFT_MSG_DELSETELEM, elems, NLM_F_ECHO)
+        last = {}
+        for buf, m in answers:
+            if m.type == _msg_type(NFT_MSG_DELSETELEM):
+                last.update(parse_elements(buf, m))
+        return last, refused
+
+    def read(self) -> dict[Element, tuple[int, int]]:
+        """Every element of the four sets with its (packets, bytes)."""
+        counts: dict[Element, tuple[int, int]] = {}
+        for name in SETS:
+            seq = self._next_seq()
+            self._sock.send(dump_message(name, seq))
+            self.requests += 1
+            done = False
+            while not done:
+                buf = self._sock.recv(RECV_SIZE)
+                for m in netlink.messages(buf):
+                    if m.seq != seq:
+                        continue
+                    if m.type == NLMSG_DONE:
+                        done = True
+                    elif m.type == NLMSG_ERROR:
+                        code = netlink.error_code(buf, m)
+                        if code:
+                            raise OffloadError(f"reading flow set {name}: {os.strerror(code)}")
+                        done = True
+                    elif m.type == _msg_type(NFT_MSG_NEWSETELEM):
+                        counts.update(parse_elements(buf, m))
+        return counts
+
+
+# ---- the daemon's side: which flows go to the kernel, and their readings back -------------------
+
+
+def _reading(counts: dict[Element, tuple[int, int]], flow: FlowKey) -> list[int] | None:
+    out, inn = elements(flow)
+    o, i = counts.get(out), counts.get(inn)
+    if o is None and i is None:
+        return None
+    return [*(o or (0, 0)), *(i or (0, 0))]
+
+
+def _flows(counts: dict[Element, tuple[int, int]]) -> dict[FlowKey, list[int]]:
+    flows: dict[FlowKey, list[int]] = {}
+    for el, (packets, nbytes) in counts.items():
+        flow = flow_of(el)
+        if flow is None:
+            continue
+        reading = flows.setdefault(flow, [0, 0, 0, 0])
+        i = 0 if el.set.startswith("out") else 2
+        reading[i], reading[i + 1] = packets, nbytes
+    return flows
+
+
+class Offloader:
+    """Moves settled flows into the kernel's sets and brings their counts back to the engine.
+
+    `mode` "queue" adds nothing: it only takes back, with their counts, the elements a previous
+    daemon left, so that every packet comes to the queue again.
+    """
+
+    def __init__(self, sets: FlowSets, engine: Engine, faults: Faults, limit: int, mode: str = "offload"):
+        self.sets = sets
+        self.engine = engine
+        self.faults = faults
+        self.limit = limit if mode == "offload" else 0
+        self.mode = mode
+        self.flows = 0  # flows whose elements are in the kernel
+        self.added = 0
+        self.removed = 0
+        self.overflow = 0  # flows left on the queue path: the sets were full
+        self.refused: dict[str, int] = {}  # flows the kernel refused, by errno name
+        self.reads = 0
+        self.read_at: float | None = None  # time.monotonic() of the last full reading
+        self.read_seconds = 0.0  # what the last full reading cost
+
+    def start(self, saved: dict[FlowKey, list[int]]) -> None:
+        """Continue from the elements in the kernel: flows we hold (handed over) go on from their
+        readings, others are adopted with what the checkpoint `saved` of them (an element
+        added after that checkpoint: nothing of it is in the totals we continue)."""
+        now = time.monotonic()
+        flows = _flows(self._read_all())
+        held = self.engine.offloaded_flows()
+        for flow, reading in flows.items():
+            if flow not in held:
+                self.engine.adopt(flow, saved.get(flow, [0, 0, 0, 0]), now)
+            self.engine.credit(flow, reading, now)
+        for flow in held.keys() - flows.keys():  # handed over, but its elements are gone
+            self.engine.withdrawn(flow)
+        self.engine.forgotten.update(saved.keys() - flows.keys())
+        self.engine.credited.update(flows)
+        self.flows = len(flows)
+        if self.mode != "offload":
+            self.withdraw(list(flows))
+
+    def _read_all(self) -> dict[Element, tuple[int, int]]:
+        started = time.monotonic()
+        counts = self.sets.read()
+        self.read_at = time.monotonic()
+        self.read_seconds = self.read_at - started
+        self.reads += 1
+        return counts
+
+    def refresh(self, max_age: float = 0.0) -> None:
+        """Credit every offloaded flow with its elements' counts, unless the last reading is
+        younger than `max_age` seconds."""
+        if self.flows == 0 or (self.read_at is not None and time.monotonic() - self.read_at < max_age):
+            return
+        flows = _flows(self._read_all())
+        now = time.monotonic()
+        for flow, reading in flows.items():
+            self.engine.credit(flow, reading, now)
+
+    def withdraw(self, flows: list[FlowKey]) -> None:
+        """Remove the flows' elements, crediting each with its last count as it goes."""
+        if not flows:
+            return
+        last, refused = self.sets.remove([el for flow in flows for el in elements(flow)])
+        self._note_refused(refused, "removing")
+        now = time.monotonic()
+        for flow in flows:
+            reading = _reading(last, flow)
+            if reading is not None:
+                self.engine.credit(flow, reading, now)
+            self.engine.withdrawn(flow)
+        self.flows -= len(flows)
+        self.removed += len(flows)
+
+    def flush(self) -> None:
+        """Withdraw what must go, then offload the flows settled since the last flush."""
+        self.withdraw(self.engine.take_withdrawals())
+        ready = self.engine.take_offloadable()
+        room = max(0, self.limit - self.flows)
+        if self.mode == "offload":
+            self.overflow += max(0, len(ready) - room)
+        ready = ready[:room]
+        if not ready:
+            return
+        refused = self.sets.add([el for flow in ready for el in elements(flow)])
+        self._note_refused(refused, "adding")
+        failed = {flow_of(el) for el in refused}
+        if failed:  # a flow goes whole or not at all: take back its other element
+            self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
+        done = [flow for flow in ready if flow not in failed]
+        self.engine.offloaded_now(done)
+        self.flows += len(done)
+        self.added += len(done)
+
+    def _note_refused(self, refused: dict[Element, int], doing: str) -> None:
+        for el, code in refused.items():
+            name = errno.errorcode.get(code, str(code))
+            self.refused[name] = self.refused.get(name, 0) + 1
+            self.faults.record(f"{doing} flow set elements", OffloadError(f"{el.set}: {os.strerror(code)}"))
+
+    def status(self) -> dict:
+        return {
+            "mode": self.mode,
+            "flows": self.flows,
+            "limit": self.limit,
+            "added": self.added,
+            "removed": self.removed,
+            "overflow": self.overflow,
+            "refused": dict(self.refused),
+            "reads": self.reads,
+            "counter_age": None if self.read_at is None else time.monotonic() - self.read_at,
+            "read_seconds": self.read_seconds,
+            "netlink_requests": self.sets.requests,
+        }
