@@ -50,8 +50,10 @@ LIVE_COLUMNS = (*_facts, "checkpoint_time", *COUNTER_NAMES)
 OFFLOAD_COLUMNS = ("out_packets", "out_bytes", "in_packets", "in_bytes")
 NAME_COLUMNS = ("command", "cmdline", "cgroup")  # TEXT, or BLOB when not UTF-8 (text.to_sql)
 BY_COLUMNS = {"command": "command", "uid": "uid", "cgroup": "cgroup", "pid": "pid"}
-# SQLITE_CORRUPT ("database disk image is malformed") and SQLITE_NOTADB ("file is not a database")
-_DAMAGE = (11, 26)
+# SQLITE_CORRUPT ("database disk image is malformed"), SQLITE_NOTADB ("file is not a database") and
+# SQLITE_TOOBIG ("string or blob too big": quick_check's answer to a record length that random bytes
+# written over pages made absurd, seen in 1 run of about 50 of tests/test_store.py)
+_DAMAGE = (11, 18, 26)
 _ROOT_ONLY = (
     "permission denied (it holds every user's command lines and is readable by root only;"
     " see docs/security.md)"

@@ -202,10 +202,11 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
     conn.close()
     store = Store(db)
     try:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert [r["command"] for r in store.exited()] == ["old"]
         assert store.unaccounted() == (0, 0)
         assert store.state("covered:") is None
+        assert store.offloaded("covered:") == {}
     finally:
         store.close()
 

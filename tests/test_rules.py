@@ -12,8 +12,13 @@ import pytest
 
 from lab.hosts import PEER_V4, Counters, Lab
 from nfacct.rules import DAEMON_MARK, Rules, RulesError
-from nfacct.rules.base import Namespace
-from nfacct.rules.nft import NftBackend, render
+from nfacct.rules.base import FLOW_SETS, Namespace, render
+from nfacct.rules.nft import NftBackend
+
+
+def native(queue: int) -> str:
+    """The native backend's ruleset for `queue`."""
+    return render("nfacct.nft", QUEUE=queue, MARK=DAEMON_MARK)
 
 
 @pytest.fixture
@@ -96,16 +101,17 @@ def test_native_backend_refused_cleanly_when_kernel_lacks_nft_queue(fresh_lab):
 
 
 def test_render_native_ruleset():
-    text = render(5)
+    text = native(5)
     assert "queue num 5 bypass" in text
     assert "hook output" in text and "hook input" in text
     assert "meta mark 0x6e666163 accept" in text
+    assert all(f"set {name} {{" in text for name in FLOW_SETS) and "@" not in text.replace(" @", "")
 
 
 def test_native_ruleset_passes_nft_check_but_for_a_missing_nft_queue(fresh_lab):
     """nft -c parses the whole ruleset and asks the kernel; on a kernel without nft_queue only the
     two queue statements may be refused, so everything else the native backend installs is checked."""
-    check = Namespace(fresh_lab.acct).run(["nft", "-c", "-f", "-"], check=False, stdin=render(5))
+    check = Namespace(fresh_lab.acct).run(["nft", "-c", "-f", "-"], check=False, stdin=native(5))
     if kernel_has_nft_queue():
         assert check.returncode == 0, check.stderr
     else:
@@ -127,8 +133,10 @@ class NativeKernel(Namespace):
     def run(
         self, argv: list[str], check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess:
-        if argv == ["nft", "-j", "list", "ruleset"]:
-            out = json.dumps({"nftables": [{"metainfo": {}}, *({"rule": rule} for rule in self.listed)]})
+        if argv == ["nft", "-t", "-j", "list", "ruleset"]:
+            sets = [{"set": {"family": "inet", "table": "nfacct", "name": name}} for name in FLOW_SETS]
+            rules = [{"rule": rule} for rule in self.listed]
+            out = json.dumps({"nftables": [{"metainfo": {}}, *sets, *rules]})
         elif argv == ["nft", "-f", "-"]:
             self.scripts.append(stdin)
             out = ""
@@ -152,23 +160,23 @@ def native_chain(chain: str, handle: int, queues: list[tuple[int, int]], packets
 def test_native_backend_installs_and_moves_queue_rules_through_nft_scripts():
     """The native half of a takeover, which this kernel may not run for real (no nft_queue)."""
     kernel = NativeKernel(native_chain("output", 3, [(5, 4)], packets=7) + native_chain("input", 6, [(8, 4)]))
-    native = NftBackend(kernel)
-    native.install(4)
-    assert kernel.scripts == [render(4)], "the whole ruleset goes to nft on stdin, in one transaction"
-    assert native.queue_rules() == [("inet", "output", 5, 4), ("inet", "input", 8, 4)]
-    assert native.complete(4) and not native.complete(5)
-    assert sum(r["expr"][0]["counter"]["packets"] for r in native.count_rules(kernel.rules())) == 7
+    backend = NftBackend(kernel)
+    backend.install(4, 0x10000000)
+    assert kernel.scripts == [native(4)], "the whole ruleset goes to nft on stdin, in one transaction"
+    assert backend.queue_rules() == [("inet", "output", 5, 4), ("inet", "input", 8, 4)]
+    assert backend.complete(4) and not backend.complete(5)
+    assert sum(r["expr"][0]["counter"]["packets"] for r in backend.count_rules(kernel.rules())) == 7
 
-    native.add_queue(5)
+    backend.add_queue(5)
     assert kernel.scripts[1:] == [
         "insert rule inet nfacct output position 5 queue num 5 bypass\n"
         "insert rule inet nfacct input position 8 queue num 5 bypass\n"
     ]
     kernel.listed = native_chain("output", 3, [(9, 5), (5, 4)]) + native_chain("input", 6, [(10, 5), (8, 4)])
-    assert not native.complete(5), "two queue rules in a chain: an install would rebuild"
-    native.add_queue(5)
+    assert not backend.complete(5), "two queue rules in a chain: an install would rebuild"
+    backend.add_queue(5)
     assert len(kernel.scripts) == 2, "already in front: nothing to do"
-    native.drop_queues(lambda queue: queue != 5)
+    backend.drop_queues(lambda queue: queue != 5)
     assert kernel.scripts[2:] == [
         "delete rule inet nfacct output handle 5\ndelete rule inet nfacct input handle 8\n"
     ]
@@ -177,7 +185,7 @@ def test_native_backend_installs_and_moves_queue_rules_through_nft_scripts():
 def test_a_native_table_is_shown_counted_and_replaced_for_real(fresh_lab):
     """Without its queue statements the native table installs on any kernel: enough to run the
     native backend's listing, counting rules and removal against the real one."""
-    Namespace(fresh_lab.acct).nft(render(5).replace("queue num 5 bypass", "accept"))
+    Namespace(fresh_lab.acct).nft(native(5).replace("queue num 5 bypass", "accept"))
     rules = Rules(fresh_lab.acct)
     state = rules.show()
     assert state.backend == "nft" and "table inet nfacct" in state.ruleset and state.queue is None
@@ -185,7 +193,21 @@ def test_a_native_table_is_shown_counted_and_replaced_for_real(fresh_lab):
     assert rules.queued_packets() >= 4
     assert rules.install(backend="iptables-nft") == "iptables-nft"
     text = ruleset(fresh_lab)
-    assert "table inet nfacct" not in text and "NFACCT_OUT" in text
+    assert "chain output" not in text and "chain offload_output" in text and "NFACCT_OUT" in text
+    rules.remove()
+    assert ruleset(fresh_lab) == ""
+
+
+def test_the_offload_mark_is_one_bit_of_the_operators_choice(fresh_lab):
+    rules = Rules(fresh_lab.acct)
+    for bad in (0, 0x30, 1 << 32, 0x40):  # 0x40 is a bit of the daemon's own mark
+        with pytest.raises(RulesError, match="offload mark"):
+            rules.install(backend="iptables-nft", offload_mark=bad)
+    assert ruleset(fresh_lab) == "", "a refused mark changes nothing"
+    rules.install(backend="iptables-nft", offload_mark=0x800)
+    text = ruleset(fresh_lab)
+    assert "meta mark & 0x00000800 == 0x00000800" in text and "meta mark | 0x00000800" in text
+    assert "0x10000000" not in text
     rules.remove()
     assert ruleset(fresh_lab) == ""
 
