@@ -146,9 +146,11 @@ def counters(lab, rules):
     return Counters(lab, lab.acct)
 
 
-@pytest.fixture(scope="module")
-def daemon(lab, rules, tmp_path_factory):
-    d = Daemon(lab.acct, tmp_path_factory.mktemp("daemon"))
+@pytest.fixture(scope="module", params=["offload", "queue"])
+def daemon(lab, rules, tmp_path_factory, request):
+    """One daemon per module and mode: every test that uses it runs with flow offload (the default)
+    and with every packet through the queue."""
+    d = Daemon(lab.acct, tmp_path_factory.mktemp("daemon"), "--mode", request.param)
     yield d
     assert d.stop() == 0, d.log.read_text()
     assert not os.path.exists(d.control), "the daemon left its control socket behind"
