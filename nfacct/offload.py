@@ -25,7 +25,7 @@ from typing import NamedTuple
 from . import netlink
 from .engine import Engine
 from .faults import Faults
-from .netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+from .netlink import NLA_HDRLEN, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from .tables import FlowKey
 
 NETLINK_NETFILTER = 12
@@ -61,6 +61,11 @@ PER_BATCH = 4
 RCVBUF = 4 << 20  # the echoes of a batch of removals
 RECV_SIZE = 1 << 18  # more than one datagram of a dump or a batch's answers holds
 SO_RCVBUFFORCE = 33
+# A full reading costs about 13 µs per element, 11 of them in the kernel's dump (measured on 6.18:
+# 2.7 s for 100,000 flows, two elements each, under load 4.7 on 2 cores). Readings asked for
+# by `top` and `status` come at most this often, as a share of the daemon's time, however often
+# they are asked: ≤ 1 s stale up to some 7,000 flows, ten times the reading's cost beyond.
+READ_SHARE = 0.1
 
 _nfgen = struct.Struct("!BBH")  # family, version, res_id (big-endian)
 _port = struct.Struct("!H2x")  # a port in its 32-bit register
@@ -182,6 +187,37 @@ def _counter(buf: bytes, start: int, end: int) -> tuple[int, int] | None:
     return packets, nbytes
 
 
+def _dumped(key_len: int) -> tuple[struct.Struct, bytes, bytes]:
+    """How the kernel lays out an element of our sets with its counter (6.1 to 6.18): the
+    attribute headers before the key, those between key and bytes, and between bytes and packets."""
+    value = NLA_HDRLEN + key_len
+    head = struct.pack(
+        "=HHHHHH", 4 + 4 + value + 44, NFTA_LIST_ELEM, 4 + value, NFTA_SET_ELEM_KEY, value, NFTA_DATA_VALUE
+    )
+    middle = struct.pack("=HHHH", 44, NFTA_SET_ELEM_EXPR, 12, NFTA_EXPR_NAME) + b"counter\0"
+    middle += struct.pack("=HHHH", 28, NFTA_EXPR_DATA, 12, NFTA_COUNTER_BYTES)
+    return struct.Struct(f"!12s{key_len}s24sQ4sQ"), head, middle
+
+
+_LAYOUTS = {key_len: _dumped(key_len) for key_len in (20, 44)}  # IPv4 and IPv6 flow keys
+_PACKETS_HEAD = struct.pack("=HH", 12, NFTA_COUNTER_PACKETS)
+
+
+def _fast(buf: bytes, set_name: str, start: int, end: int) -> list[tuple[Element, tuple[int, int]]] | None:
+    """The elements of a dump at struct speed, if every one is laid out as `_dumped` says; None
+    otherwise (the attribute walk then reads them). Measured on 6.18: 101,000 elements parsed in
+    0.23 s this way, 0.56 s by the walk; the kernel took 1.1 s to dump 100,000 of them."""
+    layout, head, middle = _LAYOUTS[20 if set_name.endswith("4") else 44]
+    if (end - start) % layout.size:
+        return None
+    out = []
+    for h, key, m, nbytes, p, packets in layout.iter_unpack(memoryview(buf)[start:end]):
+        if h != head or m != middle or p != _PACKETS_HEAD:
+            return None
+        out.append((Element(set_name, key), (packets, nbytes)))
+    return out
+
+
 def parse_elements(buf: bytes, msg: netlink.Message) -> Iterator[tuple[Element, tuple[int, int]]]:
     """(element, (packets, bytes)) of each element with a counter in one NEW/DELSETELEM message."""
     set_name, listed = None, None
@@ -191,6 +227,10 @@ def parse_elements(buf: bytes, msg: netlink.Message) -> Iterator[tuple[Element, 
         elif t == NFTA_SET_ELEM_LIST_ELEMENTS:
             listed = (s, e)
     if set_name is None or listed is None:
+        return
+    fast = _fast(buf, set_name, *listed)
+    if fast is not None:
+        yield from fast
         return
     for t, s, e in netlink.attributes(buf, *listed):
         if t != NFTA_LIST_ELEM:
@@ -396,7 +436,9 @@ class Offloader:
 
     def refresh(self, max_age: float = 0.0) -> None:
         """Credit every offloaded flow with its elements' counts, unless the last reading is
-        younger than `max_age` seconds."""
+        younger than `max_age` seconds (or, when asked often, than READ_SHARE allows)."""
+        if max_age:
+            max_age = max(max_age, self.read_seconds / READ_SHARE)
         if self.flows == 0 or (self.read_at is not None and time.monotonic() - self.read_at < max_age):
             return
         flows = _flows(self._read_all())
