@@ -134,9 +134,8 @@ def test_gc_removes_closed_connections_within_its_cycle(lab, counters, tmp_path,
     daemon = Daemon(lab.acct, tmp_path, "--gc-cycle", "1", "--closed-idle", "0.5")
     try:
         run_short_lived(lab, counters, echo_server, port, 3)
-        time.sleep(0.3)
-        engine = daemon.status()["engine"]
-        assert engine["sockinfo"] >= 3
+        # (Whether their sockinfos are still there now depends on the load: gc_removed_sockinfo
+        # below says they were, and went.)
         deadline = time.monotonic() + 1 + 0.5 + 2  # cycle + closed idle + slack for the last FIN
         while time.monotonic() < deadline:
             engine = daemon.status()["engine"]
