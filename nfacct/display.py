@@ -61,10 +61,24 @@ def print_status(status: dict, console: Console | None = None) -> None:
     )
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("packets accounted", str(eng["packets"]))
+    table.add_row("packets seen by the daemon", str(eng["packets"]))
     for d, protos in eng["by_protocol"].items():
         for p, (pk, by) in protos.items():
             table.add_row(f"  {p} {d}", f"{pk} pk / {human_bytes(by)}")
+    off = status.get("offload", {})
+    table.add_row(
+        "offload", safe(str(off.get("mode"))) + (f" ({safe(off['problem'])})" if off.get("problem") else "")
+    )
+    if "flows" in off:
+        table.add_row("  flows counted by the kernel now", f"{off['flows']} (at most {off['limit']})")
+        table.add_row(
+            "  added / removed / overflow", f"{off['added']} / {off['removed']} / {off['overflow']}"
+        )
+        age = off["counter_age"]
+        table.add_row("  counters read", "never" if age is None else f"{age:.1f} s ago")
+        for d, protos in eng.get("offloaded_by_protocol", {}).items():
+            for p, (pk, by) in protos.items():
+                table.add_row(f"  {p} {d} counted by the kernel", f"{pk} pk / {human_bytes(by)}")
     table.add_row("malformed packets", str(eng["malformed_total"]))
     unid = eng["unidentified"]
     table.add_row("unidentified packets", str(sum(unid[n] for n in COUNTER_NAMES if n.endswith("packs"))))

@@ -247,7 +247,7 @@ def test_a_receive_only_udp_socket_is_offloaded_too(lab, counters, port, procs, 
     assert d.stop() == 0
 
 
-def test_status_says_how_offload_goes(lab, daemons, tmp_path):
+def test_status_says_how_offload_goes(lab, rules, daemons, tmp_path):
     d = Daemon(lab.acct, tmp_path)
     daemons.append(d)
     offload = d.status()["offload"]
@@ -262,4 +262,6 @@ def test_status_says_how_offload_goes(lab, daemons, tmp_path):
         "refused",
     }
     assert offload["mode"] == "offload" and offload["limit"] == 262_144
+    shown = d.cli("status")
+    assert "offload" in shown and "flows counted by the kernel now" in shown and "(at most 262144)" in shown
     assert d.stop() == 0
