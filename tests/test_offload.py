@@ -265,3 +265,29 @@ def test_status_says_how_offload_goes(lab, rules, daemons, tmp_path):
     shown = d.cli("status")
     assert "offload" in shown and "flows counted by the kernel now" in shown and "(at most 262144)" in shown
     assert d.stop() == 0
+
+
+def test_a_ruleset_without_flow_sets_means_queue_mode_said_once(
+    lab, rules, counters, port, procs, daemons, tmp_path, echo
+):
+    """An nfacct before offload installed no sets: the daemon still counts every packet, through
+    the queue, and says why; `rules install` puts the sets in."""
+    if rules.show().backend != "iptables-nft":
+        pytest.skip("the native backend's sets live in the same table as its queue rules")
+    lab.run(lab.acct, ["nft", "delete", "table", "inet", "nfacct"])
+    try:
+        d = Daemon(lab.acct, tmp_path)
+        daemons.append(d)
+        offload = d.status()["offload"]
+        assert offload["mode"] == "queue" and "nfacct rules install" in offload["problem"]
+        assert "flow offload off" in d.log.read_text()
+        sport = port()
+        count_port(counters, "tcp", sport)
+        c = client(lab, PEER_V4, echo, sport, "--size", "100000", "--rounds", "3", "--hold")
+        procs.append(c)
+        assert report(c)["received"] == 300000
+        exact(d, counters, c.pid, "tcp", sport)
+        assert d.stop() == 0
+    finally:
+        rules.install()
+    assert rules.has_flow_sets()
