@@ -22,6 +22,7 @@ from .queue import QUEUE_MAXLEN, QueueError
 from .rules import DEFAULT_QUEUE, Rules, RulesError
 from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
+from .topview import GROUPINGS
 
 EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
 
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--json", action="store_true")
     top.add_argument("--once", action="store_true", help="print once and exit")
     top.add_argument("--interval", type=seconds(DAY), default=2.0, metavar="SECONDS")
+    top.add_argument("--by", choices=GROUPINGS, default="process", help="grouping (keys p c u s, g: next)")
 
     status = sub.add_parser("status", help="engine and kernel queue counters")
     status.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
@@ -302,8 +304,10 @@ def write_csv(rows: list[dict], fields: list[str]) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from . import display
+    from . import display, live
 
+    if not (args.once or args.json):
+        return live.run(args.control, args.interval, args.by)
     while True:
         answer = control.request(args.control, "top")
         if args.json:
