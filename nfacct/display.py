@@ -168,7 +168,7 @@ def top_table(found: list[topview.Row], by: str, width: int, limit: int | None =
     for name, room in (("SEND/s", 9), ("RECV/s", 9), ("SENT", 7), ("RECEIVED", 8)):
         t.add_column(name, justify="right", no_wrap=True, width=room)
     if wide:
-        t.add_column("CMDLINE", no_wrap=True, width=width - 83)
+        t.add_column("CMDLINE", no_wrap=True, width=width - 81)
     shown = found if limit is None else found[: max(limit, 0)]
     for r in shown:
         figures = [_rate(r.send_rate), _rate(r.recv_rate), human_bytes(r.sent), human_bytes(r.received)]
@@ -179,7 +179,7 @@ def top_table(found: list[topview.Row], by: str, width: int, limit: int | None =
             cells = [cut(text.escape(r.label), name_width), str(r.processes)]
         names = [Text(c) for c in cells]  # Text: a name is never markup
         if wide:
-            figures.append(Text(_cut(text.escape(r.cmdline), width - 83)))
+            figures.append(Text(_cut(text.escape(r.cmdline), width - 81)))
         t.add_row(r.state, *names, *figures, style="dim" if r.state else "")
     if len(shown) < len(found):
         t.caption = f"{len(found) - len(shown)} more (a taller terminal shows them)"

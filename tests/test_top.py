@@ -185,7 +185,8 @@ def test_the_screen_fits_80x24_with_hostile_names_escaped(by):
 def test_a_wide_terminal_shows_command_lines():
     lines = render("process", width=140, height=None)
     assert lines[3].split()[-1] == "CMDLINE"
-    assert lines[4].endswith("  \\x1b[2J\\x1b]0;pwned\\x07\\xff\\xff\\xff[bold]x[bold]x[bold]x…")  # not markup
+    # The whole command line, escaped and not read as markup, to the last column.
+    assert lines[4].endswith("  \\x1b[2J\\x1b]0;pwned\\x07\\xff\\xff\\xff[bold]x[bold]x[bold]x[b…")
     assert len(lines[4]) == 140
     assert len(lines) == 4 + 41  # no height: every row
 
