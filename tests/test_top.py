@@ -202,9 +202,8 @@ class Pane:
 
     def __init__(self, width: int = 80, height: int = 24) -> None:
         self.server = f"nfacct-test-{os.getpid()}-{next(_sessions)}"
-        env = {**os.environ, "PS1": "$ ", "TERM": "xterm-256color"}
-        env.pop("TMUX", None)
-        shell = "env -u PROMPT_COMMAND bash --norc --noprofile"
+        env = {k: v for k, v in os.environ.items() if k != "TMUX"}
+        shell = "env -u PROMPT_COMMAND PS1='$ ' TERM=xterm-256color bash --norc --noprofile"
         self.tmux("new-session", "-d", "-x", str(width), "-y", str(height), shell, env=env)
 
     def tmux(self, *args: str, env: dict | None = None) -> str:
@@ -293,7 +292,7 @@ def test_live_top_in_a_terminal(lab, daemon, counters, port, procs, pane, tmp_pa
     pane.wait_for(rf"^X +{pid} +root +python\S* +0B/s +0B/s +{re.escape(total)} +0B$")
 
     pane.key("q")
-    pane.wait_for(r"^status=0\n\$ $")
+    pane.wait_for(r"^status=0\n\$$")
     assert (tmp_path / "stty.before").read_text() == (tmp_path / "stty.after").read_text()
     assert "by process" not in pane.screen()  # the alternate screen is gone, the shell's is back
 
@@ -302,7 +301,7 @@ def test_ctrl_c_leaves_the_terminal_as_it_was(daemon, pane, tmp_path):
     pane.type(top_command(daemon, tmp_path))
     pane.wait_for(r"^packets \d")
     pane.key("C-c")
-    pane.wait_for(r"^status=0\n\$ $")
+    pane.wait_for(r"^status=0\n\$$")
     assert (tmp_path / "stty.before").read_text() == (tmp_path / "stty.after").read_text()
     assert "Traceback" not in pane.screen()
 
@@ -317,3 +316,12 @@ def test_a_pipe_gets_one_frame_per_poll(lab, daemon):
                 break
         top.terminate()
     assert frames == [f"nfacct top  netns {lab.acct}  by process  every 0.2s\n"] * 3
+
+
+def test_a_daemon_that_stops_answering_is_said_in_the_header():
+    out = io.StringIO()
+    problem = "no nfacct daemon at /run/x\x1b[2J.sock (trying again every 2s)"
+    Console(file=out, width=80, color_system=None).print(
+        top_screen(None, snap(1.0, task(1)), "process", 2.0, 80, 24, problem=problem)
+    )
+    assert out.getvalue().splitlines()[2] == "no nfacct daemon at /run/x\\x1b[2J.sock (trying again every 2s)"
