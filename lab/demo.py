@@ -28,17 +28,6 @@ from nfacct.rules import Rules
 HTTP, IPERF, ECHO = 8080, 5201, 9000
 
 
-def wait_listening(lab: Lab, ns: str, proto: str, port: int, within: float = 5.0) -> None:
-    """Until a socket listens on `port` in `ns` (`ss`), so that no client starts too early."""
-    flag = "-tln" if proto == "tcp" else "-uln"
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if lab.run(ns, ["ss", "-H", flag, f"sport = :{port}"]).stdout.strip():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {proto} port {port} in {ns} after {within:g} s")
-
-
 def main() -> int:
     started: list[subprocess.Popen] = []
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -60,7 +49,7 @@ def main() -> int:
 
             def server(ns: str, argv: list[str], proto: str, port: int) -> None:
                 started.append(subprocess.Popen(lab.cmd(ns, argv), **quiet))
-                wait_listening(lab, ns, proto, port)
+                lab.wait_listening(ns, proto, port)
 
             http = ["python3", "-m", "http.server", str(HTTP), "--bind", "127.0.0.1", "--directory", str(www)]
             server(lab.acct, http, "tcp", HTTP)

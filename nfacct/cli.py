@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--since", type=when, metavar="TIME", help="e.g. 1h, 30m, 2d or 2026-11-23T10:00")
     hist.add_argument("--until", type=when, metavar="TIME")
     hist.add_argument("--by", choices=tuple(BY_COLUMNS), default="command")
+    # A pid is at most the kernel's PID_MAX_LIMIT, as MAX_TASKINFO.
+    hist.add_argument("--pid", type=count(MAX_TASKINFO), metavar="PID", help="only processes with this pid")
     fmt = hist.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
@@ -274,7 +276,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     store = Store(args.db, readonly=True)
     try:
-        rows = store.history(args.since, args.until, args.by)
+        rows = store.history(args.since, args.until, args.by, args.pid)
         unaccounted = store.unaccounted(args.since, args.until)
     finally:
         store.close()
