@@ -308,9 +308,9 @@ def test_every_block_of_the_doc_is_checked():
     for b in found:  # each question answered both ways, each answer shown
         assert [c.argv[0] for c in b.commands] == ["nfacct", "sqlite-utils"], b.name
         assert all(c.shown.strip() for c in b.commands), b.name
+        assert b.commands[1].argv[1:3] == ["query", DEFAULT_DB], b.name
     one = next(b for b in found if b.name == "one-process")
     assert all(PID_IN_DOC in c.argv for c in one.commands)  # the pid `run` replaces
-        assert b.commands[1].argv[1:3] == ["query", DEFAULT_DB], b.name
 
 
 @pytest.mark.parametrize("block", blocks(DOC.read_text()), ids=lambda b: b.name)
