@@ -3,6 +3,7 @@ real thing in a real terminal (tmux): a daemon in a lab namespace, real traffic,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -197,17 +198,17 @@ _sessions = itertools.count()
 
 
 class Pane:
-    """A shell in a tmux pane of a private tmux server (its own socket: the user's tmux is never
-    touched), `width` x `height`, killed with everything in it by `close`."""
+    """A shell in a tmux pane of a private tmux server (its own socket in `directory`: the user's
+    tmux is never touched), `width` x `height`, removed with everything in it by `close`."""
 
-    def __init__(self, width: int = 80, height: int = 24) -> None:
-        self.server = f"nfacct-test-{os.getpid()}-{next(_sessions)}"
+    def __init__(self, directory: str | os.PathLike, width: int = 80, height: int = 24) -> None:
+        self.socket = os.path.join(directory, f"tmux-{next(_sessions)}.sock")
         env = {k: v for k, v in os.environ.items() if k != "TMUX"}
         shell = "env -u PROMPT_COMMAND PS1='$ ' TERM=xterm-256color bash --norc --noprofile"
         self.tmux("new-session", "-d", "-x", str(width), "-y", str(height), shell, env=env)
 
     def tmux(self, *args: str, env: dict | None = None) -> str:
-        argv = ["tmux", "-L", self.server, "-f", "/dev/null", *args]
+        argv = ["tmux", "-S", self.socket, "-f", "/dev/null", *args]
         return subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
 
     def type(self, line: str) -> None:
@@ -231,15 +232,18 @@ class Pane:
             time.sleep(0.2)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True)
+        with contextlib.suppress(FileNotFoundError):  # the server leaves its socket behind
+            os.unlink(self.socket)
 
 
 @pytest.fixture
-def pane():
+def pane(tmp_path):
     need_root()
-    p = Pane()
+    p = Pane(tmp_path)
     yield p
     p.close()
+    assert not os.path.exists(p.socket)
 
 
 def top_command(daemon, tmp_path) -> str:
