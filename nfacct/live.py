@@ -1,4 +1,4 @@
-"""`nfacct top` without `--once`: poll the daemon once per interval and show `topview.screen`.
+"""`nfacct top` without `--once`: poll the daemon once per interval and show `display.top_screen`.
 
 On a terminal: a full-screen view (rich Live on the alternate screen) and keys read one at a
 time (cbreak mode: no echo, no line buffering, Ctrl-C still a signal); `q` and Ctrl-C leave,
