@@ -1,26 +1,36 @@
-"""`make demo` (`python -m lab.demo`): account sample traffic in a throwaway namespace pair and
-print the result.
+"""`make demo` (`python -m lab.demo`): programs everyone knows make traffic in a throwaway
+namespace pair, and nfacct says who did what.
+
+In the accounted namespace: `curl` fetches a file three times from `python3 -m http.server`
+(both ends on loopback, so both are counted), `iperf3` sends 2 s of TCP at 50 Mbit/s to a server
+in the peer namespace, `socat` exchanges 20 UDP datagrams with an echo server there, and `ping`
+sends 4 echo requests (ICMP: counted per protocol in `status`, not per process). The table is
+the daemon's `top`, exited processes included.
 
 Everything happens inside two fresh network namespaces; the root namespace is never touched,
-and the namespaces, rules, daemon and traffic processes are all gone when this exits.
+and the namespaces, rules, daemon and every process started here are gone when this exits.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from lab.daemon import Daemon
-from lab.hosts import ACCT_V4, PEER_V4, PEER_V6, Lab, stop_all
+from lab.hosts import ACCT_V4, PEER_V4, Lab, stop_all
 from nfacct.display import print_status, print_tasks
 from nfacct.rules import Rules
+
+HTTP, IPERF, ECHO = 8080, 5201, 9000
 
 
 def main() -> int:
     started: list[subprocess.Popen] = []
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     with tempfile.TemporaryDirectory(prefix="nfacct-demo-") as tmp, Lab("nfdemo") as lab:
         rules = Rules(lab.acct)
         try:
@@ -30,76 +40,38 @@ def main() -> int:
                 f"queue rules via {backend}"
             )
             # Its warnings, if any, on our terminal; everything else is in `tmp`, removed at exit.
-            daemon = Daemon(lab.acct, tmp, log=None)
+            # A long GC cycle: the clients below have exited by the time the table is shown.
+            daemon = Daemon(lab.acct, tmp, "--gc-cycle", "120", log=None)
             started.append(daemon.proc)
+            www = Path(tmp, "www")
+            www.mkdir()
+            (www / "file").write_bytes(os.urandom(1 << 20))
 
-            def role(ns: str, *args: str) -> dict:
-                p = lab.role(ns, *args)
-                started.append(p)
-                return json.loads(p.stdout.readline())
+            def server(ns: str, argv: list[str], proto: str, port: int) -> None:
+                started.append(subprocess.Popen(lab.cmd(ns, argv), **quiet))
+                lab.wait_listening(ns, proto, port)
 
-            role(lab.peer, "echo-server", "--bind", "::", "--port", "8000")
-            role(lab.peer, "echo-server", "--proto", "udp", "--bind", "0.0.0.0", "--port", "8001")
-            role(lab.acct, "echo-server", "--bind", "127.0.0.1", "--port", "8002")
-            role(lab.acct, "sink", "--port", "8003", "--count", "25", "--hold")
-            role(
-                lab.acct,
-                "client",
-                "--connect",
-                PEER_V4,
-                "--port",
-                "8000",
-                "--size",
-                "100000",
-                "--rounds",
-                "30",
-                "--hold",
-            )
-            role(
-                lab.acct,
-                "client",
-                "--connect",
-                PEER_V6,
-                "--port",
-                "8000",
-                "--size",
-                "20000",
-                "--rounds",
-                "10",
-                "--hold",
-            )
-            role(
-                lab.acct,
-                "client",
-                "--proto",
-                "udp",
-                "--connect",
-                PEER_V4,
-                "--port",
-                "8001",
-                "--size",
-                "512",
-                "--rounds",
-                "40",
-                "--hold",
-            )
-            role(
-                lab.acct,
-                "client",
-                "--connect",
-                "127.0.0.1",
-                "--port",
-                "8002",
-                "--size",
-                "4096",
-                "--rounds",
-                "50",
-                "--hold",
-            )
-            role(lab.peer, "sender", "--connect", ACCT_V4, "--port", "8003", "--count", "25", "--hold")
-            time.sleep(0.5)
+            http = ["python3", "-m", "http.server", str(HTTP), "--bind", "127.0.0.1", "--directory", str(www)]
+            server(lab.acct, http, "tcp", HTTP)
+            server(lab.peer, ["iperf3", "-s", "-1", "-p", str(IPERF)], "tcp", IPERF)
+            server(lab.peer, ["socat", f"UDP4-RECVFROM:{ECHO},fork", "PIPE"], "udp", ECHO)
+            print("3 curl from python3 -m http.server, iperf3 for 2 s, socat over UDP, ping: about 4 s")
+            clients = [
+                ["iperf3", "-c", PEER_V4, "-p", str(IPERF), "-t", "2", "-b", "50M"],
+                ["ping", "-c", "4", "-i", "0.2", PEER_V4],
+                *[["curl", "-sS", "-o", "/dev/null", f"http://127.0.0.1:{HTTP}/file"]] * 3,
+            ]
+            running = [subprocess.Popen(lab.cmd(lab.acct, argv), **quiet) for argv in clients]
+            started += running
+            udp = ["socat", "-b", "512", "-t", "0.5", "STDIO", f"UDP4:{PEER_V4}:{ECHO}"]
+            lab.run(lab.acct, udp, input=os.urandom(20 * 512), text=False)
+            for p in running:
+                if p.wait(timeout=30) != 0:
+                    raise RuntimeError(f"{' '.join(p.args[4:])} failed with status {p.returncode}")
+            time.sleep(0.5)  # their last packets' owners are found
             print_tasks(daemon.request("top")["tasks"])
             print_status(daemon.request("status"))
+            print("ping's packets are the icmp lines: ICMP is counted per protocol, not per process.")
             print("Try it on a host: see README.md (nfacct rules install; nfacct run; nfacct top).")
         finally:
             stop_all(started)

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,6 +107,15 @@ class Lab:
         kw.setdefault("text", True)
         kw.setdefault("env", lab_env())
         return subprocess.run(self.cmd(ns, argv), check=True, **kw)
+
+    def wait_listening(self, ns: str, proto: str, port: int, within: float = 10.0) -> None:
+        """Until a socket listens on `port` in `ns` (`ss`): a client started earlier is refused."""
+        flag = "-tln" if proto == "tcp" else "-uln"
+        deadline = time.monotonic() + within
+        while not self.run(ns, ["ss", "-H", flag, f"sport = :{port}"]).stdout.strip():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {proto} port {port} in {ns} after {within:g} s")
+            time.sleep(0.05)
 
     def role(self, ns: str, *args: str, **kw) -> subprocess.Popen:
         """Start a traffic role (lab/roles.py) as a process inside namespace `ns`."""

@@ -22,6 +22,7 @@ from .queue import QUEUE_MAXLEN, QueueError
 from .rules import DEFAULT_QUEUE, FLOW_SET_SIZE, OFFLOAD_MARK, Rules, RulesError
 from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
+from .topview import GROUPINGS
 
 EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
 
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--since", type=when, metavar="TIME", help="e.g. 1h, 30m, 2d or 2026-11-23T10:00")
     hist.add_argument("--until", type=when, metavar="TIME")
     hist.add_argument("--by", choices=tuple(BY_COLUMNS), default="command")
+    # A pid is at most the kernel's PID_MAX_LIMIT, as MAX_TASKINFO.
+    hist.add_argument("--pid", type=count(MAX_TASKINFO), metavar="PID", help="only processes with this pid")
     fmt = hist.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
@@ -241,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--json", action="store_true")
     top.add_argument("--once", action="store_true", help="print once and exit")
     top.add_argument("--interval", type=seconds(DAY), default=2.0, metavar="SECONDS")
+    top.add_argument("--by", choices=GROUPINGS, default="process", help="grouping (keys p c u s, g: next)")
 
     status = sub.add_parser("status", help="engine and kernel queue counters")
     status.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
@@ -308,7 +312,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     store = Store(args.db, readonly=True)
     try:
-        rows = store.history(args.since, args.until, args.by)
+        rows = store.history(args.since, args.until, args.by, args.pid)
         unaccounted = store.unaccounted(args.since, args.until)
     finally:
         store.close()
@@ -338,8 +342,10 @@ def write_csv(rows: list[dict], fields: list[str]) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from . import display
+    from . import display, live
 
+    if not (args.once or args.json):
+        return live.run(args.control, args.interval, args.by)
     while True:
         answer = control.request(args.control, "top")
         if args.json:

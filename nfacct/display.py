@@ -6,12 +6,13 @@ not UTF-8 made visible (`text.escape`).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from . import text
+from . import text, topview
 from .tables import COUNTER_NAMES
 
 
@@ -116,3 +117,108 @@ def print_history(
     if packets:
         table.caption = f"{packets} packets passed unaccounted in {gaps} gaps (table `unaccounted`)"
     console.print(table)
+
+
+# ---- nfacct top's live view (nfacct.live): rows from nfacct.topview ----------------------------
+
+
+def _rate(r: float | None) -> str:
+    return "-" if r is None else f"{human_bytes(r)}/s"
+
+
+def _cut(name: str, width: int) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _tail(name: str, width: int) -> str:
+    """`name` cut from the left to `width` characters: a cgroup path keeps its unit."""
+    return name if len(name) <= width else "…" + name[len(name) - width + 1 :]
+
+
+def _figure(label: str, value: int | None, alarm: bool) -> Text:
+    shown = "?" if value is None else f"{value:,}"
+    style = "bold red" if alarm and value else ""
+    return Text.assemble(f"{label} ", (shown, style))
+
+
+def top_header(status: dict, by: str, interval: float, problem: str | None = None) -> Text:
+    """Two lines: where and how, then the engine's health (red when something passed unseen)."""
+    h = topview.health(status)
+    netns = status.get("netns") or "own"
+    first = Text(f"nfacct top  netns {text.escape(netns)}  by {by}  every {interval:g}s")
+    parts = [
+        _figure("packets", h.packets, False),
+        _figure("unaccounted", h.unaccounted, True),
+        _figure("unidentified", h.unidentified, True),
+        _figure("malformed", h.malformed, True),
+        _figure("queue drops", h.queue_drops, True),
+    ]
+    second = Text("  ").join(parts)
+    lines = [first, second]
+    if problem is not None:
+        lines.append(Text(text.escape(problem), style="bold red"))
+    return Text("\n").join(lines)
+
+
+def top_table(found: list[topview.Row], by: str, width: int, limit: int | None = None) -> Table:
+    """The rows as a table that fits `width` columns (80 at least), `limit` rows at most."""
+    # Every column has its width, the names cut to theirs: rich would otherwise squeeze the
+    # figures or fold a row in two when a name is long.
+    t = Table(box=None, pad_edge=False, header_style="bold", expand=False)
+    t.add_column("S", no_wrap=True, width=1)
+    if by == "process":
+        wide = width >= 120
+        name_width = 16 if wide else max(8, width - 63)  # 63: the other columns and their gaps
+        t.add_column("PID", justify="right", no_wrap=True, width=7)
+        t.add_column("USER", no_wrap=True, width=8)
+        t.add_column("COMMAND", no_wrap=True, width=name_width)
+    else:
+        wide = False
+        name_width = max(8, width - 51)
+        t.add_column(
+            {"command": "COMMAND", "user": "USER", "cgroup": "CGROUP"}[by], no_wrap=True, width=name_width
+        )
+        t.add_column("PROCS", justify="right", no_wrap=True, width=5)
+    for name, room in (("SEND/s", 9), ("RECV/s", 9), ("SENT", 7), ("RECEIVED", 8)):
+        t.add_column(name, justify="right", no_wrap=True, width=room)
+    if wide:
+        t.add_column("CMDLINE", no_wrap=True, width=width - 81)
+    shown = found if limit is None else found[: max(limit, 0)]
+    for r in shown:
+        figures = [_rate(r.send_rate), _rate(r.recv_rate), human_bytes(r.sent), human_bytes(r.received)]
+        if by == "process":
+            cells = [str(r.pid), _cut(text.escape(r.user), 8), _cut(text.escape(r.label), name_width)]
+        else:
+            cut = _tail if by == "cgroup" else _cut
+            cells = [cut(text.escape(r.label), name_width), str(r.processes)]
+        names = [Text(c) for c in cells]  # Text: a name is never markup
+        if wide:
+            figures.append(Text(_cut(text.escape(r.cmdline), width - 81)))
+        t.add_row(r.state, *names, *figures, style="dim" if r.state else "")
+    if len(shown) < len(found):
+        t.caption = f"{len(found) - len(shown)} more (a taller terminal shows them)"
+    return t
+
+
+HEADER_LINES = 5  # two lines of header, the legend, the table's header, its caption
+
+
+def top_screen(
+    prev: topview.Snapshot | None,
+    cur: topview.Snapshot,
+    by: str,
+    interval: float,
+    width: int,
+    height: int | None = None,
+    user_name: Callable[[int], str] = str,
+    problem: str | None = None,
+) -> Group:
+    """The whole view: header, legend and table, cut to `height` lines if given."""
+    found = topview.rows(prev, cur, by, user_name)
+    limit = None if height is None else height - HEADER_LINES - (problem is not None)
+    legend = Text(
+        f"keys g/p/c/u/s group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
+        f" {topview.EXITED_BEFORE} before",
+        style="dim",
+    )
+    return Group(top_header(cur.status, by, interval, problem), legend, top_table(found, by, width, limit))

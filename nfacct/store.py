@@ -401,8 +401,11 @@ class Store:
         with self._reading():
             return [_names(r) for r in self.db["exited_tasks"].rows_where(order_by="exit_time")]
 
-    def history(self, since: float | None, until: float | None, by: str) -> list[dict]:
-        """Top talkers among processes that exited in [since, until], grouped by `by`.
+    def history(
+        self, since: float | None, until: float | None, by: str, pid: int | None = None
+    ) -> list[dict]:
+        """Top talkers among processes that exited in [since, until] (with this `pid`, if given),
+        grouped by `by`.
 
         A name is TEXT or BLOB by its bytes alone, so equal names always fall in one group."""
         if by not in BY_COLUMNS:
@@ -416,6 +419,9 @@ class Store:
         if until is not None:
             where.append("exit_time <= ?")
             params.append(until)
+        if pid is not None:
+            where.append("pid = ?")
+            params.append(pid)
         sql = (
             f"SELECT {col} AS {by}, COUNT(*) AS processes, {sums} FROM exited_tasks"
             + (f" WHERE {' AND '.join(where)}" if where else "")

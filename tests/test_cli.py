@@ -84,6 +84,7 @@ def nfacct(*args: str) -> subprocess.CompletedProcess:
         ((*RUN, "--max-sockinfo", "10000001"), 2, "argument --max-sockinfo: 10000001 is more than the"),
         ((*RUN, "--max-taskinfo", "5000000"), 2, "argument --max-taskinfo: 5000000 is more than the"),
         (("history", "--since", "0001-01-01"), 2, "argument --since: expected a duration like 1h"),
+        (("history", "--pid", "0"), 2, "argument --pid: expected a positive integer, not '0'"),
     ],
 )
 def test_bad_input_names_the_problem(args, code, message):
