@@ -1,6 +1,6 @@
 """The flow sets: nft set elements whose counters count attributed flows in the kernel.
 
-The ruleset (nfacct/data) holds four sets in table inet nfacct, one per family and direction,
+The ruleset (rules/) holds four sets in table inet nfacct, one per family and direction,
 keyed by protocol . source address . source port . destination address . destination port as
 the packet carries them, each element with its own counter. A packet whose flow has an element
 is counted there and accepted, never queued. This room adds elements, reads their counters and

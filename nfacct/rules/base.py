@@ -99,8 +99,9 @@ class Namespace:
 
 
 def render(template: str, **values: int) -> str:
-    """A ruleset file of nfacct/data with its @NAME@ placeholders filled (marks in hex);
-    @SETS@ is flowsets.nft, the flow sets both backends install."""
+    """A ruleset file of rules/ (the package data nfacct.data) with its @NAME@ placeholders
+    filled (marks in hex); @SETS@ is flowsets.nft, the flow sets both backends install.
+    rules/install.sh fills the same files the same way, for hosts without Python."""
     data = resources.files("nfacct.data")
     text = data.joinpath(template).read_text()
     text = text.replace("@SETS@", data.joinpath("flowsets.nft").read_text().rstrip("\n"))

@@ -2,7 +2,7 @@
 through nft_compat, in chains NFACCT_OUT/NFACCT_IN of the ip and ip6 filter tables, jumped to
 from OUTPUT/INPUT. Changes go through iptables-nft and ip6tables-nft, one rule at a time.
 
-The flow sets live in table inet nfacct (nfacct/data/offload.nft), whose chains run just before
+The flow sets live in table inet nfacct (rules/offload.nft), whose chains run just before
 these and mark the packets they count with one bit; the NFACCT chains return on that bit.
 """
 

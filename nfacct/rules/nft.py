@@ -1,4 +1,4 @@
-"""The native backend: table inet nfacct (nfacct/data/nfacct.nft) with the flow sets and nft's own
+"""The native backend: table inet nfacct (rules/nfacct.nft) with the flow sets and nft's own
 `queue` statement. Kernels built without nft_queue (CONFIG_NFT_QUEUE unset) reject that statement.
 
 Every change is an nft script on stdin, one transaction each.
