@@ -62,7 +62,7 @@ SNDBUF = 4 * CHUNK
 MAX_CLIENTS = 16
 REQUEST_TIMEOUT = 5.0  # from a request's first byte to its last
 REPLY_TIMEOUT = 10.0  # from a reply ready to its last byte taken by the client
-MAX_RETAINED = 100_000  # exited tasks kept for clients not yet served them (twice the taskinfo default)
+MAX_RETAINED = 100_000  # exited tasks kept past the engine's GC for clients not yet served them
 SERVED_TIMES = 2  # an exit is in this many replies to each client after nfacct saw it
 
 Key = tuple[int, float]  # (pid, btime): a process, as the engine's tables key it
@@ -134,7 +134,7 @@ class Feed:
         self.max_retained = max_retained
         self.seq = 0  # snapshots observed
         self._running: dict[Key, _Task] = {}
-        self._exited: dict[Key, _Task] = {}  # in the last snapshot, or owed to a client
+        self._exited: dict[Key, _Task] = {}  # in the last snapshot, or since dropped but owed
         self._served: dict[int, deque[int]] = {}  # client → the snapshots of its last replies
         self.forgotten = 0  # exited tasks dropped at max_retained before every client had them
 
@@ -157,11 +157,13 @@ class Feed:
                 task.exited = known.exited if known is not None and known.exited is not None else self.seq
                 self._exited[key] = task
         self._running = running
-        for key in [k for k, t in self._exited.items() if k not in present and not self._owed(t)]:
-            del self._exited[key]  # the engine dropped it and every client had it
-        excess = len(self._exited) - self.max_retained
+        gone = [k for k in self._exited if k not in present]  # the engine's GC dropped them
+        for key in [k for k in gone if not self._owed(self._exited[k])]:
+            del self._exited[key]  # and every client had them
+        gone = [k for k in gone if k in self._exited]
+        excess = len(gone) - self.max_retained
         if excess > 0:
-            for key in sorted(self._exited, key=lambda k: self._exited[k].exited)[:excess]:
+            for key in sorted(gone, key=lambda k: self._exited[k].exited)[:excess]:
                 del self._exited[key]
             self.forgotten += excess
 
@@ -186,6 +188,7 @@ class Feed:
 
     @property
     def retained(self) -> int:
+        """Exited tasks the feed holds (in the engine's tables, or kept after them)."""
         return len(self._exited)
 
 

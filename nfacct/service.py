@@ -4,7 +4,7 @@ connector only works there); with `netns` its queue and sock_diag sockets live i
 
 The rooms it stands on: `engine` (packets, tables and their state), `resolver` (owner lookups),
 `persistence` (SQLite and the coverage ledger), `takeover` (replacing a running daemon),
-`claim` (one daemon per namespace), `control` (the control socket).
+`claim` (one daemon per namespace), `control` (the control socket), `atop` (atop -K's socket).
 
 Longer than most rooms (~440 lines) because a start is a sequence with an undo at each step
 (claim, database, queue, rule move, hand-over) that must stay in one place to stay correct,

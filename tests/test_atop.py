@@ -149,10 +149,12 @@ def test_a_reused_pid_puts_the_live_process_last():
     assert [(r[0], r[1]) for r in decode(feed.reply(1))] == [(10, 100), (10, 200)]
 
 
-def test_retained_exits_are_bounded_and_the_excess_is_counted():
+def test_exits_kept_past_the_engines_tables_are_bounded_and_the_excess_is_counted():
     feed = atop.Feed(max_retained=3)
     feed.reply(1)  # a client that never asks again would otherwise keep every exit
     feed.observe([task(pid, [1] * 8, exited=True) for pid in range(100, 105)])
+    assert (feed.retained, feed.forgotten) == (5, 0)  # the engine still has them: no cost here
+    feed.observe([])  # its GC dropped them
     assert (feed.retained, feed.forgotten) == (3, 2)
 
 
