@@ -97,8 +97,10 @@ def _socket_there(path: str) -> bool:
     """Whether a socket file is at `path`; AtopError if a file of another kind is."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # check_usable names the ancestor in the way
         return False
+    except OSError as e:
+        raise AtopError(f"cannot look at the atop socket path {path}: {e.strerror}") from None
     if not stat.S_ISSOCK(mode):
         raise AtopError(f"{path} exists and is not a socket; remove it or choose another --atop-socket")
     return True

@@ -440,19 +440,26 @@ def test_a_takeover_moves_the_atop_socket_and_counters_go_on(tmp_path, port, pro
             rules.remove()
 
 
-def test_the_daemon_refuses_a_path_that_is_not_a_socket(lab, rules, tmp_path):
-    path = tmp_path / "atop.sock"
-    path.write_text("")
-    out = subprocess.run(
-        [sys.executable, "-m", "nfacct", "run", "--netns", lab.acct, "--control", str(tmp_path / "c.sock"),
-         "--db", str(tmp_path / "db"), "--atop-socket", str(path)],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert out.returncode == 1
-    assert (
-        out.stderr.strip()
-        == f"nfacct: error: {path} exists and is not a socket; remove it or choose another --atop-socket"
-    )
+@pytest.mark.parametrize("where", ["a file", "under a file", "too long"])
+def test_a_path_the_daemon_cannot_serve_is_one_error_line_before_anything_starts(tmp_path, where):
+    """Checked before the daemon starts (a takeover's predecessor would be gone by the time the
+    socket is made). The namespace does not exist: a check that let a path through fails there."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    long = tmp_path / ("a" * 110)
+    path, error = {
+        "a file": (afile, f"{afile} exists and is not a socket; remove it or choose another --atop-socket"),
+        "under a file": (
+            afile / "atop.sock",
+            f"cannot create the atop socket {afile}/atop.sock: {afile} is not a directory",
+        ),
+        "too long": (long, f"atop socket path is {len(str(long))} bytes; a UNIX socket path is at most 107"),
+    }[where]
+    argv = [sys.executable, "-m", "nfacct", "run", "--netns", "nfacct-no-such-ns", "--atop-socket", str(path)]
+    out = subprocess.run([*argv, "--control", str(tmp_path / "c.sock"), "--db", str(tmp_path / "db")],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert (out.returncode, out.stderr) == (1, f"nfacct: error: {error}\n")
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
 # ---- the real atop -----------------------------------------------------------------------------
