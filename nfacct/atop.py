@@ -254,14 +254,14 @@ class Server:
             observed = self._observe()
             for client in ready:
                 try:
-                    if not observed:
-                        raise AtopError("no snapshot")
-                    reply = self.feed.reply(client.sock.fileno())
-                except Exception as e:  # a bug costs this client its sample (atop skips it), not the daemon
+                    reply = self.feed.reply(client.sock.fileno()) if observed else None
+                except Exception as e:  # a bug costs this client its sample, not the daemon
                     self.faults.record("atop reply", e)
-                    self._drop(client)
-                    continue
-                self._send(client, reply, now)
+                    reply = None
+                if reply is None:
+                    self._drop(client)  # atop skips the sample and reconnects at the next
+                else:
+                    self._send(client, reply, now)
         for client in list(self._clients.values()):
             if client.deadline is not None and now > client.deadline:
                 self.dropped += 1
