@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from . import __version__, control, text
+from . import __version__, atop, control, text
+from .atop import AtopError
 from .control import ControlError
 from .netns import NetnsError
 from .queue import QUEUE_MAXLEN, QueueError
@@ -24,7 +25,7 @@ from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
 from .topview import GROUPINGS
 
-EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
+EXPECTED_ERRORS = (AtopError, ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
 
 
 def queue_number(value: str) -> int:
@@ -226,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="detect process exits by polling /proc instead of the proc connector",
     )
+    run.add_argument(
+        "--atop-socket",
+        nargs="?",
+        const=atop.DEFAULT_ATOP_SOCKET,
+        metavar="PATH",
+        help=f"serve `atop -K` (atop 2.10 and later) at PATH (default {atop.DEFAULT_ATOP_SOCKET}, "
+        "where atop looks), as netatop-bpf does",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
 
     hist = sub.add_parser("history", help="top talkers of a period, from the database")
@@ -284,6 +293,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_sockinfo=args.max_sockinfo,
         max_taskinfo=args.max_taskinfo,
     )
+    if args.atop_socket is not None:
+        atop.check_usable(args.atop_socket)  # now: a takeover's predecessor is gone when it is made
     config = ServiceConfig(
         netns=args.netns,
         queue=args.queue,
@@ -297,6 +308,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         hold_new_connections=not args.no_hold,
         mode=args.mode,
         max_offloaded=args.max_offloaded,
+        atop_socket=args.atop_socket,
     )
     try:
         service = Service(config)

@@ -4,7 +4,7 @@ connector only works there); with `netns` its queue and sock_diag sockets live i
 
 The rooms it stands on: `engine` (packets, tables and their state), `resolver` (owner lookups),
 `persistence` (SQLite and the coverage ledger), `takeover` (replacing a running daemon),
-`claim` (one daemon per namespace), `control` (the control socket).
+`claim` (one daemon per namespace), `control` (the control socket), `atop` (atop -K's socket).
 
 Longer than most rooms (~440 lines) because a start is a sequence with an undo at each step
 (claim, database, queue, rule move, hand-over) that must stay in one place to stay correct,
@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import control, takeover
+from . import atop, control, takeover
 from .claim import Claim, ClaimError
 from .coverage import STALLED
 from .engine import Engine
@@ -65,6 +65,7 @@ class ServiceConfig:
     hold_new_connections: bool = True  # an outgoing packet that starts a lookup waits for it
     mode: str = "offload"  # "queue": every packet through the queue, as before flow offload
     max_offloaded: int = FLOW_SET_SIZE  # flows counted in the kernel at once; beyond, on the queue
+    atop_socket: str | None = None  # serve `atop -K` here (netatop-bpf's protocol, nfacct.atop)
 
     @property
     def coverage_key(self) -> str:
@@ -86,6 +87,7 @@ class Service:
         self._seen_overruns = 0  # proc connector overruns already answered by a liveness poll
         self._guard_seen = 0  # packets the guard accepted, as of the last checkpoint
         self.faults = Faults()
+        self.atop: atop.Server | None = None
         self._resources = contextlib.ExitStack()  # closed in reverse order by close()
         self._undo = contextlib.ExitStack()  # what only a failed start takes back
         self._sel = selectors.DefaultSelector()
@@ -160,6 +162,7 @@ class Service:
             )
         else:
             self._listen()  # refuses at once if another daemon answers here
+            self._serve_atop()
             number = cfg.queue
         counter_at_start = self._queued()  # before bind: packets from here on are ours or a gap
         self.queue = Queue(number, self._on_packet, cfg.netns, maxlen=cfg.queue_maxlen)
@@ -176,6 +179,7 @@ class Service:
                 handed = takeover.request_handover(cfg.control_path)
                 self._claim(wait=5.0)  # the predecessor lets go as it exits
                 self._listen()
+                self._serve_atop()  # the predecessor's atop socket is gone with it
             if queues - {number}:
                 self.rules.drop_queues_except(number)
             move.pop_all()
@@ -255,6 +259,16 @@ class Service:
         self.control = control.Server(self.config.control_path, self.handle, self._sel, self.faults)
         self._resources.callback(self.control.close)
         self._undo.callback(remove_dirs, self.control.created_dirs)
+
+    def _serve_atop(self) -> None:
+        if self.config.atop_socket is None:
+            return
+        try:
+            self.atop = atop.Server(self.config.atop_socket, self.snapshot, self._sel, self.faults)
+        except atop.AtopError as e:
+            raise ServiceError(str(e)) from None
+        self._resources.callback(self.atop.close)
+        self._undo.callback(remove_dirs, self.atop.created_dirs)
 
     def _queued(self) -> int | None:
         """The counting rule's packets (None without rules), for the coverage ledger."""
@@ -339,17 +353,24 @@ class Service:
     def handle(self, cmd: str) -> dict | object:
         if cmd == "ping":
             return {"ok": True, "handover_format": HANDOVER_FORMAT}
-        self.engine.apply_answers(self.resolver.work())
-        self._offload("refresh", FRESH)
         if cmd == "top":
-            return {"time": time.time(), "tasks": self.engine.top()}
+            return {"time": time.time(), "tasks": self.snapshot()}
         if cmd == "status":
+            self.engine.apply_answers(self.resolver.work())
+            self._offload("refresh", FRESH)
             return self.status()
         if cmd == "handover":
             self._handing_over = True
             self._running = False
             return control.LATER  # answered with our tables once the queue is drained and flushed
         return {"error": f"unknown command {cmd!r}"}
+
+    def snapshot(self) -> list[dict]:
+        """Every task with its counters as of now (offloaded flows' readings at most FRESH old, see
+        Offloader.refresh): what `top` and atop clients are served."""
+        self.engine.apply_answers(self.resolver.work())
+        self._offload("refresh", FRESH)
+        return self.engine.top()
 
     def status(self) -> dict:
         kernel = self.queue.kernel_stats()
@@ -366,6 +387,7 @@ class Service:
             "pid": os.getpid(),
             "faults": self.faults.status(),
             "control": self.control.status(),
+            "atop": self.atop.status() if self.atop else None,
             "netns": cfg.netns,
             "uptime": time.time() - self.started,
             "engine": self.engine.status(),
@@ -429,6 +451,8 @@ class Service:
                     self._release_held()
                 self._offload("flush")
                 self.control.work()  # one command per turn: the queue is served between them
+                if self.atop:
+                    self.atop.work()
                 self._timers(due)
             self._drain()
             self.engine.apply_answers(self.resolver.work())
@@ -498,6 +522,8 @@ class Service:
         self.persistence.checkpoint(reason=STALLED if stalled else None)
 
     def _gc(self) -> None:
+        if self.atop:
+            self.atop.before_gc()  # exits the GC may drop are still owed to atop clients
         try:
             if self.destroy is None:
                 self._dump_closed()
