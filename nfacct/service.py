@@ -30,6 +30,7 @@ from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
 from .guard import Guard
+from .notify import STATUS_PERIOD, Notifier, status_line
 from .persistence import Persistence
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue, QueuedPacket
@@ -138,6 +139,8 @@ class Service:
             self.destroy_mode = "sock_diag destroy events"
         except SockDiagError as e:
             self.destroy_mode = f"socket dump each GC cycle ({e})"
+        self.notify = Notifier(os.environ, self.faults.record)  # systemd, when it started us
+        self._resources.callback(self.notify.close)
         self.rules, self.rules_problem = None, "no nfacct rules installed in the namespace"
         try:
             self.rules = Rules(cfg.netns)
@@ -285,9 +288,9 @@ class Service:
     def handle(self, cmd: str) -> dict | object:
         if cmd == "ping":
             return {"ok": True, "handover_format": HANDOVER_FORMAT}
-        self.engine.apply_answers(self.resolver.work())
         if cmd == "top":
-            return {"time": time.time(), "tasks": self.engine.top()}
+            return {"time": time.time(), "tasks": self.snapshot()}
+        self.engine.apply_answers(self.resolver.work())
         if cmd == "status":
             return self.status()
         if cmd == "handover":
@@ -295,6 +298,16 @@ class Service:
             self._running = False
             return control.LATER  # answered with our tables once the queue is drained and flushed
         return {"error": f"unknown command {cmd!r}"}
+
+    def snapshot(self) -> list[dict]:
+        """Every task's counters as of now, with the owners found so far: what `top` and
+        systemd's status line show."""
+        self.engine.apply_answers(self.resolver.work())
+        return self.engine.top()
+
+    @property
+    def handed_over(self) -> bool:
+        return self._handing_over
 
     def status(self) -> dict:
         kernel = self.queue.kernel_stats()
@@ -352,7 +365,13 @@ class Service:
         }
         if not self.events:
             due["poll"] = now + cfg.poll_interval
-        log.info("accounting queue %d in netns %s", self.queue.number, cfg.netns or "(own)")
+        if self.notify.watchdog_period:
+            due["watchdog"] = now
+        if self.notify.enabled:
+            due["notify"] = now + STATUS_PERIOD
+        where = f"accounting queue {self.queue.number} in netns {cfg.netns or '(own)'}"
+        log.info("%s", where)
+        self.notify.ready(where)  # the queue is bound and the control socket listens
         try:
             while self._running:
                 now = time.monotonic()
@@ -371,6 +390,7 @@ class Service:
                     self._release_held()
                 self.control.work()  # one command per turn: the queue is served between them
                 self._timers(due)
+            self.notify.stopping("handing over" if self._handing_over else "draining the queue, writing")
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
@@ -423,6 +443,8 @@ class Service:
             ("poll", cfg.poll_interval, self._poll_liveness),
             ("gc", cfg.gc.cycle, self._gc),
             ("checkpoint", cfg.checkpoint_interval, self._checkpoint),
+            ("watchdog", self.notify.watchdog_period, self.notify.watchdog),
+            ("notify", STATUS_PERIOD, self._notify_status),
         ):
             if job in due and now >= due[job]:
                 due[job] = now + period
@@ -435,6 +457,10 @@ class Service:
         accepted = self.guard.accepted
         stalled, self._guard_seen = accepted > self._guard_seen, accepted
         self.persistence.checkpoint(reason=STALLED if stalled else None)
+
+    def _notify_status(self) -> None:
+        coverage = self.persistence.coverage
+        self.notify.status(status_line(self.snapshot(), coverage.unaccounted if coverage else None))
 
     def _gc(self) -> None:
         try:
