@@ -32,11 +32,12 @@ import pytest
 from conftest import count_port, kernel, until
 
 from lab.daemon import Daemon
-from lab.hosts import PEER_V4
+from lab.hosts import PEER_V4, Lab
 from nfacct import control, text
 from nfacct.cli import HANDED_OVER
 from nfacct.faults import Faults
 from nfacct.notify import FAULT, Notifier, status_line
+from nfacct.rules import Rules
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 UNIT, NETNS_DROPIN = PACKAGING / "nfacct.service", PACKAGING / "netns.conf"
@@ -407,3 +408,154 @@ def test_a_daemon_that_handed_over_is_not_restarted(lab, rules, tmp_path, daemon
 
     assert until(answers, True), successor.log.read_text()
     assert successor.stop() == 0
+
+
+# ---- the sandbox, emulated -------------------------------------------------------------------
+
+
+def capabilities(pid: int) -> tuple[set[str], bool]:
+    """The effective capabilities of `pid` by name, and whether it runs with NoNewPrivs."""
+    names = subprocess.run(["setpriv", "--list-caps"], capture_output=True, text=True, check=True).stdout
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    bits = int(status["CapEff"], 16)
+    return {f"cap_{n}" for i, n in enumerate(names.split()) if bits >> i & 1}, status["NoNewPrivs"] == "1"
+
+
+def sandboxed(caps: set[str]) -> list[str]:
+    """setpriv as the unit's sandbox: this bounding set (root gets exactly it), NoNewPrivileges."""
+    keep = ",".join(f"+{c.removeprefix('cap_')}" for c in sorted(caps))
+    return ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{keep}"]
+
+
+# Without one capability of the unit's, the senders whose owner nfacct still finds.
+WITHOUT = {None: {"root", "nobody"}, "cap_sys_ptrace": set(), "cap_dac_read_search": {"root"}}
+
+
+@pytest.mark.parametrize("removed", list(WITHOUT), ids=lambda r: f"without {r}" if r else "the unit's")
+def test_the_unit_capabilities_are_enough_and_each_is_needed(
+    removed, lab, rules, counters, tmp_path, port, procs, daemons
+):
+    """A sender as root and one as nobody: with the unit's capabilities (and the drop-in's
+    CAP_SYS_ADMIN, which --netns needs) both are found, exactly; without CAP_SYS_PTRACE neither
+    (/proc/PID/fd links of processes not ours to trace), without CAP_DAC_READ_SEARCH not
+    nobody's (its /proc/PID/fd is mode 0500). Their packets then count by uid, exactly."""
+    caps = bounding_set(UNIT, NETNS_DROPIN) - {removed}
+    daemon = Daemon(lab.acct, tmp_path, wrap=sandboxed(caps))
+    daemons.append(daemon)
+    assert capabilities(daemon.proc.pid) == (caps, True)
+    events = daemon.status()["events"]
+    assert (events["process_exits"], events["socket_close"]) == ("proc connector", "sock_diag destroy events")
+
+    senders, sent = {}, {}
+    for who, user, uid in (("root", None, "0"), ("nobody", "65534", "65534")):
+        sport = port()
+        count_port(counters, "udp", sport)
+        senders[who] = (start_sender(lab, procs, sport, 20, user=user), uid)
+        assert until(lambda p=sport: kernel(counters, "udp", p)["udpsndpacks"], 20) == 20
+        sent[who] = kernel(counters, "udp", sport)["udpsndpacks"]
+
+    found = WITHOUT[removed]
+
+    def owners() -> dict[str, int | None]:
+        tasks = {t["pid"]: t["udpsndpacks"] for t in daemon.top()}
+        return {who: tasks.get(p.pid) for who, (p, _) in senders.items()}
+
+    def by_uid() -> dict[str, int]:
+        buckets = daemon.status()["engine"]["unidentified_by_uid"]
+        return {uid: buckets[uid]["udpsndpacks"] for uid in buckets}
+
+    expected = {who: sent[who] if who in found else None for who in senders}
+    assert until(owners, expected) == expected
+    unidentified = {uid: sent[who] for who, (_, uid) in senders.items() if who not in found}
+    assert until(by_uid, unidentified) == unidentified  # the lookups give up after about 4 s
+    assert daemon.stop() == 0, daemon.log.read_text()
+
+
+def test_without_cap_net_admin_the_daemon_stops_with_one_line(lab, rules, tmp_path):
+    caps = bounding_set(UNIT, NETNS_DROPIN) - {"cap_net_admin"}
+    argv = [*sandboxed(caps), sys.executable, "-m", "nfacct", "run", "--netns", lab.acct]
+    argv += ["--control", str(tmp_path / "control.sock"), "--db", str(tmp_path / "nfacct.db")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("nfacct: error: cannot bind NFQUEUE 0: Operation not permitted"), r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def syscall_filter(names: list[str]) -> set[str]:
+    """The system calls a SystemCallFilter= allow list names, its @groups expanded by systemd."""
+    calls, seen, todo = set(), set(), list(names)
+    while todo:
+        name = todo.pop()
+        if not name.startswith("@"):
+            calls.add(name)
+        elif name not in seen:
+            seen.add(name)
+            cmd = [systemd_analyze(), "syscall-filter", name]
+            listing = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            members = (line.strip() for line in listing.splitlines()[1:])  # the first names the group
+            todo += [m for m in members if m and not m.startswith("#")]
+    return calls
+
+
+STRACE_LINE = re.compile(r"^\d+ +(?:<\.\.\. )?(\w+)(?:\(| resumed>)(.*)$")
+
+
+def traced(path: Path) -> list[tuple[str, str]]:
+    """(system call, its arguments and result) from `strace -f -o PATH`."""
+    return [m.groups() for line in path.read_text().splitlines() if (m := STRACE_LINE.match(line))]
+
+
+def test_system_calls_stay_within_the_unit_filter(tmp_path, port, procs):
+    """strace(1) records the rules install (ExecStartPre=) and a daemon's start, traffic,
+    attribution, process exits, GC cycles, checkpoints, `top`, `status` and stop, children
+    included (nft, ip, the guard). Every call must be in SystemCallFilter= (the unit's and
+    the drop-in's @mount), every socket of RestrictAddressFamilies=, and no memory both writable
+    and executable (MemoryDenyWriteExecute=). Paths not taken here are not covered."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is missing (Debian: apt-get install strace; `make setup` does)")
+    allowed = syscall_filter(settings("SystemCallFilter", UNIT, NETNS_DROPIN))
+    families = set(settings("RestrictAddressFamilies", UNIT))
+    pre, run = tmp_path / "install.strace", tmp_path / "run.strace"
+    with Lab("nfsc") as lab:
+        install = [sys.executable, "-m", "nfacct", "rules", "install", "--netns", lab.acct]
+        subprocess.run(["strace", "-f", "-qq", "-o", str(pre), *install], check=True, capture_output=True)
+        daemon_pid = None
+        try:
+            daemon = Daemon(
+                lab.acct,
+                tmp_path,
+                "--gc-cycle=1",
+                "--checkpoint-interval=1",
+                wrap=["strace", "-f", "-qq", "-o", str(run)],
+            )
+            # strace forks the daemon: signals go to the daemon itself, not to strace.
+            children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text()
+            daemon_pid = int(children.split()[0])
+            sport = port()
+            sender = start_sender(lab, procs, sport, 20)
+            counted = lambda: [t["udpsndpacks"] for t in daemon.top() if t["pid"] == sender.pid]  # noqa: E731
+            assert until(counted, [20]) == [20]
+            sender.stdin.close()
+            sender.wait()
+            daemon.status()
+            time.sleep(2.5)  # the exit written, two GC cycles and checkpoints
+            os.kill(daemon_pid, signal.SIGTERM)
+            assert daemon.proc.wait(timeout=30) == 0, daemon.log.read_text()  # strace exits as its tracee
+        finally:
+            if daemon_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(daemon_pid, signal.SIGKILL)
+            Rules(lab.acct).remove()
+    calls = traced(pre) + traced(run)
+    assert len(calls) > 10_000  # the record is there (about 40,000 calls when written)
+    assert sorted({name for name, _ in calls} - allowed) == []
+    assert sorted({m[1] for _, args in calls if (m := re.match(r"(AF_\w+)", args))} - families) == []
+    wx = [
+        (name, args)
+        for name, args in calls
+        if name in ("mmap", "mprotect", "pkey_mprotect")
+        and "PROT_EXEC" in args
+        and ("PROT_WRITE" in args or name != "mmap")
+    ]
+    assert wx == []
