@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -67,19 +68,23 @@ def systemd_analyze() -> str:
     return found
 
 
-def settings(name: str, *files: Path) -> list[str]:
-    """The values of `name=` in [Service] across a unit and its drop-ins, as systemd merges
-    list settings: in order, an empty assignment resetting the list."""
-    values: list[str] = []
+def setting_lines(name: str, *files: Path) -> list[list[str]]:
+    """The values of each `name=` line in [Service] across a unit and its drop-ins, in order,
+    as systemd merges list settings: an empty assignment drops the lines before it."""
+    lines: list[list[str]] = []
     for f in files:
         section = None
         for line in f.read_text().splitlines():
             if line.startswith("["):
                 section = line.strip("[]")
             elif section == "Service" and line.startswith(f"{name}="):
-                value = line.split("=", 1)[1].split()
-                values = values + value if value else []
-    return values
+                values = line.split("=", 1)[1].split()
+                lines = [*lines, values] if values else []
+    return lines
+
+
+def settings(name: str, *files: Path) -> list[str]:
+    return [value for line in setting_lines(name, *files) for value in line]
 
 
 def bounding_set(*files: Path) -> set[str]:
@@ -421,10 +426,29 @@ def capabilities(pid: int) -> tuple[set[str], bool]:
     return {f"cap_{n}" for i, n in enumerate(names.split()) if bits >> i & 1}, status["NoNewPrivs"] == "1"
 
 
-def sandboxed(caps: set[str]) -> list[str]:
-    """setpriv as the unit's sandbox: this bounding set (root gets exactly it), NoNewPrivileges."""
+def sandboxed(caps: set[str], read_only: Sequence[str] = ()) -> list[str]:
+    """A command prefix that runs the command as the unit would, as far as we emulate it: these
+    paths read-only in a mount namespace of its own (ReadOnlyPaths=, with unshare), this
+    bounding set (root gets exactly it) and NoNewPrivileges (setpriv). The command keeps the pid."""
     keep = ",".join(f"+{c.removeprefix('cap_')}" for c in sorted(caps))
-    return ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{keep}"]
+    prefix = ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{keep}"]
+    if read_only:
+        mounts = " && ".join(f"mount --bind -o ro {shlex.quote(p)} {shlex.quote(p)}" for p in read_only)
+        prefix = [
+            "unshare",
+            "--mount",
+            "--propagation=slave",
+            "sh",
+            "-c",
+            f'{mounts} && exec "$@"',
+            "sh",
+            *prefix,
+        ]
+    return prefix
+
+
+def unit_sandbox(caps: set[str]) -> list[str]:
+    return sandboxed(caps, settings("ReadOnlyPaths", UNIT))
 
 
 # Without one capability of the unit's, the senders whose owner nfacct still finds.
@@ -440,7 +464,7 @@ def test_the_unit_capabilities_are_enough_and_each_is_needed(
     (/proc/PID/fd links of processes not ours to trace), without CAP_DAC_READ_SEARCH not
     nobody's (its /proc/PID/fd is mode 0500). Their packets then count by uid, exactly."""
     caps = bounding_set(UNIT, NETNS_DROPIN) - {removed}
-    daemon = Daemon(lab.acct, tmp_path, wrap=sandboxed(caps))
+    daemon = Daemon(lab.acct, tmp_path, wrap=unit_sandbox(caps))
     daemons.append(daemon)
     assert capabilities(daemon.proc.pid) == (caps, True)
     events = daemon.status()["events"]
@@ -473,7 +497,7 @@ def test_the_unit_capabilities_are_enough_and_each_is_needed(
 
 def test_without_cap_net_admin_the_daemon_stops_with_one_line(lab, rules, tmp_path):
     caps = bounding_set(UNIT, NETNS_DROPIN) - {"cap_net_admin"}
-    argv = [*sandboxed(caps), sys.executable, "-m", "nfacct", "run", "--netns", lab.acct]
+    argv = [*unit_sandbox(caps), sys.executable, "-m", "nfacct", "run", "--netns", lab.acct]
     argv += ["--control", str(tmp_path / "control.sock"), "--db", str(tmp_path / "nfacct.db")]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
@@ -482,8 +506,21 @@ def test_without_cap_net_admin_the_daemon_stops_with_one_line(lab, rules, tmp_pa
     assert os.listdir(tmp_path) == []
 
 
-def syscall_filter(names: list[str]) -> set[str]:
-    """The system calls a SystemCallFilter= allow list names, its @groups expanded by systemd."""
+def syscall_filter(lines: list[list[str]]) -> set[str]:
+    """The system calls SystemCallFilter= lines allow: an allow list first, then lines that add
+    to it or (~) take from it."""
+    assert not lines[0][0].startswith("~"), "the unit's filter starts with an allow list"
+    allowed, denied = set(), set()
+    for line in lines:
+        if line[0].startswith("~"):
+            denied |= expand_calls([line[0][1:], *line[1:]])
+        else:
+            allowed |= expand_calls(line)
+    return allowed - denied
+
+
+def expand_calls(names: list[str]) -> set[str]:
+    """System calls and @groups as system calls, the groups expanded by systemd."""
     calls, seen, todo = set(), set(), list(names)
     while todo:
         name = todo.pop()
@@ -496,6 +533,25 @@ def syscall_filter(names: list[str]) -> set[str]:
             members = (line.strip() for line in listing.splitlines()[1:])  # the first names the group
             todo += [m for m in members if m and not m.startswith("#")]
     return calls
+
+
+@pytest.mark.root
+def test_the_sandbox_keeps_cap_sys_ptrace_from_writing_memory():
+    """CAP_SYS_PTRACE passes the kernel's check on any process's /proc/PID/mem, for writing
+    too: the unit's read-only /proc is what refuses it, and its filter process_vm_writev."""
+    victim = subprocess.Popen(["sleep", "60"])
+    probe = [sys.executable, "-c", "import sys; open(f'/proc/{sys.argv[1]}/mem', 'r+b')", str(victim.pid)]
+    try:
+        opened = subprocess.run([*sandboxed(bounding_set(UNIT)), *probe], capture_output=True, text=True)
+        assert opened.returncode == 0, opened.stderr
+        refused = subprocess.run([*unit_sandbox(bounding_set(UNIT)), *probe], capture_output=True, text=True)
+        assert refused.stderr.splitlines()[-1].endswith(f"Read-only file system: '/proc/{victim.pid}/mem'")
+    finally:
+        victim.kill()
+        victim.wait()
+    filtered = syscall_filter(setting_lines("SystemCallFilter", UNIT))
+    assert {"process_vm_writev", "process_vm_readv", "ptrace"} & filtered == set()
+    assert {"read", "sendmsg", "setns"} <= filtered  # what it does allow
 
 
 STRACE_LINE = re.compile(r"^\d+ +(?:<\.\.\. )?(\w+)(?:\(| resumed>)(.*)$")
@@ -514,7 +570,7 @@ def test_system_calls_stay_within_the_unit_filter(tmp_path, port, procs):
     and executable (MemoryDenyWriteExecute=). Paths not taken here are not covered."""
     if shutil.which("strace") is None:
         pytest.skip("strace is missing (Debian: apt-get install strace; `make setup` does)")
-    allowed = syscall_filter(settings("SystemCallFilter", UNIT, NETNS_DROPIN))
+    allowed = syscall_filter(setting_lines("SystemCallFilter", UNIT, NETNS_DROPIN))
     families = set(settings("RestrictAddressFamilies", UNIT))
     pre, run = tmp_path / "install.strace", tmp_path / "run.strace"
     with Lab("nfsc") as lab:
