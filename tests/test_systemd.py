@@ -3,11 +3,11 @@ as systemd reads it, the notification protocol as a real daemon speaks it, and t
 unit puts the daemon in.
 
 systemd is not PID 1 in the container CI runs in, so no unit is started here. The sandbox is
-emulated instead, each part against the real kernel: the capability bounding set and
-NoNewPrivileges with setpriv(1) (a daemon run with exactly the unit's capabilities, and with one
-less), the system call filter, address families and MemoryDenyWriteExecute against strace(1)'s
-record of a daemon at work. The mount namespace options (ProtectSystem=, PrivateTmp=, ...) are
-not exercised.
+emulated instead, each part against the real kernel: the capability bounding set,
+NoNewPrivileges and ReadOnlyPaths=/proc with setpriv(1) and unshare(1) (a daemon run with
+exactly the unit's capabilities, and with one less), the system call filter, address families
+and MemoryDenyWriteExecute against strace(1)'s record of a daemon at work. The other mount
+namespace options (ProtectSystem=, PrivateTmp=, ...) are not exercised.
 """
 
 from __future__ import annotations
@@ -434,16 +434,8 @@ def sandboxed(caps: set[str], read_only: Sequence[str] = ()) -> list[str]:
     prefix = ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{keep}"]
     if read_only:
         mounts = " && ".join(f"mount --bind -o ro {shlex.quote(p)} {shlex.quote(p)}" for p in read_only)
-        prefix = [
-            "unshare",
-            "--mount",
-            "--propagation=slave",
-            "sh",
-            "-c",
-            f'{mounts} && exec "$@"',
-            "sh",
-            *prefix,
-        ]
+        script = f'{mounts} && exec "$@"'
+        prefix = ["unshare", "--mount", "--propagation=slave", "sh", "-c", script, "sh", *prefix]
     return prefix
 
 
