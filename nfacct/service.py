@@ -4,7 +4,7 @@ connector only works there); with `netns` its queue and sock_diag sockets live i
 
 The rooms it stands on: `engine` (packets, tables and their state), `resolver` (owner lookups),
 `persistence` (SQLite and the coverage ledger), `takeover` (replacing a running daemon),
-`claim` (one daemon per namespace), `control` (the control socket).
+`claim` (one daemon per namespace), `control` (the control socket), `notify` (systemd).
 
 Longer than most rooms (~440 lines) because a start is a sequence with an undo at each step
 (claim, database, queue, rule move, hand-over) that must stay in one place to stay correct,
@@ -390,7 +390,7 @@ class Service:
                     self._release_held()
                 self.control.work()  # one command per turn: the queue is served between them
                 self._timers(due)
-            self.notify.stopping("handing over" if self._handing_over else "draining the queue, writing")
+            self.notify.stopping("handing over" if self._handing_over else "last verdicts and checkpoint")
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
