@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nfacct import control
@@ -19,8 +20,11 @@ class Daemon:
     Its control socket is DIRECTORY/control.sock and its database DIRECTORY/nfacct.db unless
     `db` names another (a restarted daemon continuing a predecessor's database). Its output is
     appended to DIRECTORY/daemon.log (`log`), or left on ours with `log=None`. `extra` are more
-    `nfacct run` arguments. Returns once the daemon answers `ping`; raises RuntimeError if it
-    exits first or does not answer within `timeout` seconds, and then leaves no process behind.
+    `nfacct run` arguments; `env` replaces its environment (systemd's variables, in
+    tests/test_systemd.py); `wrap` goes in front of its command line, and must exec it in the same
+    process (setpriv) or follow it (strace -f). Returns once the daemon answers `ping`; raises
+    RuntimeError if it exits first or does not answer within `timeout` seconds, and then leaves no
+    process behind.
     """
 
     def __init__(
@@ -31,19 +35,21 @@ class Daemon:
         db: str | None = None,
         log: str | None = "daemon.log",
         timeout: float = 15.0,
+        env: Mapping[str, str] | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.control = str(directory / "control.sock")
         self.db = db or str(directory / "nfacct.db")
         self.log = None if log is None else directory / log
-        argv = [sys.executable, "-m", "nfacct", "run", "--netns", netns, "--control", self.control]
+        argv = [*wrap, sys.executable, "-m", "nfacct", "run", "--netns", netns, "--control", self.control]
         argv += ["--db", self.db, *extra]
         if self.log is None:
-            self.proc = subprocess.Popen(argv)
+            self.proc = subprocess.Popen(argv, env=env)
         else:
             with open(self.log, "a") as out:
-                self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+                self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             self._wait_until_answering(timeout)
         except BaseException:  # including Ctrl-C while waiting: no daemon left running

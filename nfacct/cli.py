@@ -25,6 +25,7 @@ from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
 from .topview import GROUPINGS
 
+HANDED_OVER = 3  # `nfacct run`'s exit status after a successor took over (--takeover)
 EXPECTED_ERRORS = (AtopError, ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
 
 
@@ -316,7 +317,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"nfacct: error: {e}", file=sys.stderr)
         return 1
     service.run()
-    return 0
+    # Not 0: under systemd's Restart=always a daemon that handed over must not be started again
+    # (packaging/nfacct.service: SuccessExitStatus=, RestartPreventExitStatus=).
+    return HANDED_OVER if service.handed_over else 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ connector only works there); with `netns` its queue and sock_diag sockets live i
 
 The rooms it stands on: `engine` (packets, tables and their state), `resolver` (owner lookups),
 `persistence` (SQLite and the coverage ledger), `takeover` (replacing a running daemon),
-`claim` (one daemon per namespace), `control` (the control socket), `atop` (atop -K's socket).
+`claim` (one daemon per namespace), `control` (the control socket), `atop` (atop -K's socket),
+`notify` (systemd).
 
 Longer than most rooms (~440 lines) because a start is a sequence with an undo at each step
 (claim, database, queue, rule move, hand-over) that must stay in one place to stay correct,
@@ -30,6 +31,7 @@ from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
 from .guard import Guard
+from .notify import STATUS_PERIOD, Notifier, status_line
 from .offload import FlowSets, Offloader, OffloadError
 from .persistence import Persistence
 from .procs import is_alive, process_facts
@@ -145,6 +147,8 @@ class Service:
             self.destroy_mode = "sock_diag destroy events"
         except SockDiagError as e:
             self.destroy_mode = f"socket dump each GC cycle ({e})"
+        self.notify = Notifier(os.environ, self.faults.record)  # systemd, when it started us
+        self._resources.callback(self.notify.close)
         self.rules, self.rules_problem = None, "no nfacct rules installed in the namespace"
         try:
             self.rules = Rules(cfg.netns)
@@ -366,11 +370,16 @@ class Service:
         return {"error": f"unknown command {cmd!r}"}
 
     def snapshot(self) -> list[dict]:
-        """Every task with its counters as of now (offloaded flows' readings at most FRESH old, see
-        Offloader.refresh): what `top` and atop clients are served."""
+        """Every task with its counters as of now, with the owners found so far and offloaded
+        flows' readings at most FRESH old (see Offloader.refresh): what `top`, atop clients and
+        systemd's status line show."""
         self.engine.apply_answers(self.resolver.work())
         self._offload("refresh", FRESH)
         return self.engine.top()
+
+    @property
+    def handed_over(self) -> bool:
+        return self._handing_over
 
     def status(self) -> dict:
         kernel = self.queue.kernel_stats()
@@ -432,7 +441,13 @@ class Service:
         }
         if not self.events:
             due["poll"] = now + cfg.poll_interval
-        log.info("accounting queue %d in netns %s", self.queue.number, cfg.netns or "(own)")
+        if self.notify.watchdog_period:
+            due["watchdog"] = now
+        if self.notify.enabled:
+            due["notify"] = now + STATUS_PERIOD
+        where = f"accounting queue {self.queue.number} in netns {cfg.netns or '(own)'}"
+        log.info("%s", where)
+        self.notify.ready(where)  # the queue is bound and the control socket listens
         try:
             while self._running:
                 now = time.monotonic()
@@ -454,6 +469,7 @@ class Service:
                 if self.atop:
                     self.atop.work()
                 self._timers(due)
+            self.notify.stopping("handing over" if self._handing_over else "last verdicts and checkpoint")
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
@@ -507,6 +523,8 @@ class Service:
             ("poll", cfg.poll_interval, self._poll_liveness),
             ("gc", cfg.gc.cycle, self._gc),
             ("checkpoint", cfg.checkpoint_interval, self._checkpoint),
+            ("watchdog", self.notify.watchdog_period, self.notify.watchdog),
+            ("notify", STATUS_PERIOD, self._notify_status),
         ):
             if job in due and now >= due[job]:
                 due[job] = now + period
@@ -520,6 +538,10 @@ class Service:
         accepted = self.guard.accepted
         stalled, self._guard_seen = accepted > self._guard_seen, accepted
         self.persistence.checkpoint(reason=STALLED if stalled else None)
+
+    def _notify_status(self) -> None:
+        coverage = self.persistence.coverage
+        self.notify.status(status_line(self.snapshot(), coverage.unaccounted if coverage else None))
 
     def _gc(self) -> None:
         if self.atop:

@@ -24,6 +24,7 @@ from lab.daemon import Daemon
 from lab.hosts import ACCT_V4, PEER_V4, Counters, Lab
 from nfacct import claim, control
 from nfacct.claim import Claim
+from nfacct.cli import HANDED_OVER
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL
 from nfacct.rules import Rules
 from nfacct.tables import HANDOVER_FORMAT
@@ -127,7 +128,7 @@ def test_a_killed_daemon_loses_at_most_a_checkpoint_and_says_how_much(
 
 
 def wait_until_answering(daemon: Daemon, predecessor: Daemon) -> None:
-    assert predecessor.proc.wait(timeout=15) == 0, predecessor.log.read_text()
+    assert predecessor.proc.wait(timeout=15) == HANDED_OVER, predecessor.log.read_text()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if control.request(daemon.control, "ping").get("ok"):
