@@ -31,6 +31,7 @@ from conftest import count_port, kernel, until
 from lab.daemon import Daemon
 from lab.hosts import PEER_V4, Counters, Lab
 from nfacct import atop
+from nfacct.cli import HANDED_OVER
 from nfacct.faults import Faults
 from nfacct.rules import Rules
 from nfacct.tables import COUNTER_NAMES
@@ -425,7 +426,7 @@ def test_a_takeover_moves_the_atop_socket_and_counters_go_on(tmp_path, port, pro
             assert served == expected and expected["udpsndpacks"] == 4
             successor = Daemon(lab.acct, tmp_path, "--takeover", "--atop-socket", path, db=daemons[0].db)
             daemons.append(successor)
-            assert daemons[0].proc.wait(timeout=15) == 0
+            assert daemons[0].proc.wait(timeout=15) == HANDED_OVER
             with pytest.raises(BrokenPipeError):  # atop's send fails alike: it skips the sample, reconnects
                 before.request()
             exchange(3)
