@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # libnetfilter-queue-dev and the build tools are for the bench's netfilterqueue only (the A/B of
 # the queue reader); nfacct itself needs none of them.
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
-                build-essential python3-dev python3-venv iperf3
+                build-essential python3-dev python3-venv iperf3 prometheus
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
