@@ -20,10 +20,11 @@ from .control import ControlError
 from .netns import NetnsError
 from .queue import QUEUE_MAXLEN, QueueError
 from .rules import DEFAULT_QUEUE, Rules, RulesError
+from .scrape import ScrapeError, parse_address
 from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
 
-EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
+EXPECTED_ERRORS = (ControlError, NetnsError, QueueError, RulesError, ScrapeError, StoreError, PermissionError)
 
 
 def queue_number(value: str) -> int:
@@ -77,6 +78,13 @@ def count(most: int) -> Callable[[str], int]:
         return n
 
     return parse
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    try:
+        return parse_address(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def control_path(value: str) -> str:
@@ -191,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="detect process exits by polling /proc instead of the proc connector",
     )
+    run.add_argument(
+        "--metrics",
+        type=metrics_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: on 127.0.0.1); "
+        "see docs/metrics.md",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
 
     hist = sub.add_parser("history", help="top talkers of a period, from the database")
@@ -257,6 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         queue_maxlen=args.queue_maxlen,
         takeover=args.takeover,
         hold_new_connections=not args.no_hold,
+        metrics=args.metrics,
     )
     try:
         service = Service(config)

@@ -30,6 +30,7 @@ from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
 from .guard import Guard
+from .metrics import Metrics
 from .persistence import Persistence
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue, QueuedPacket
@@ -60,6 +61,7 @@ class ServiceConfig:
     queue_maxlen: int = QUEUE_MAXLEN
     takeover: bool = False  # replace the daemon answering at control_path without a gap
     hold_new_connections: bool = True  # an outgoing packet that starts a lookup waits for it
+    metrics: tuple[str, int] | None = None  # serve Prometheus metrics at (host, port)
 
     @property
     def coverage_key(self) -> str:
@@ -112,6 +114,9 @@ class Service:
         control.check_path(cfg.control_path)
         if not cfg.takeover:
             self._claim()  # refuses at once if another daemon accounts the namespace
+        self.metrics = Metrics(cfg.metrics, self, self._sel) if cfg.metrics else None  # refuses a taken port
+        if self.metrics:
+            self._resources.callback(self.metrics.close)
         self.sockdiag = SockDiag(cfg.netns)
         self._resources.callback(self.sockdiag.close)
         self.resolver = Resolver(self.sockdiag, faults=self.faults)
@@ -285,9 +290,9 @@ class Service:
     def handle(self, cmd: str) -> dict | object:
         if cmd == "ping":
             return {"ok": True, "handover_format": HANDOVER_FORMAT}
-        self.engine.apply_answers(self.resolver.work())
         if cmd == "top":
-            return {"time": time.time(), "tasks": self.engine.top()}
+            return self.snapshot()
+        self.engine.apply_answers(self.resolver.work())
         if cmd == "status":
             return self.status()
         if cmd == "handover":
@@ -295,6 +300,11 @@ class Service:
             self._running = False
             return control.LATER  # answered with our tables once the queue is drained and flushed
         return {"error": f"unknown command {cmd!r}"}
+
+    def snapshot(self) -> dict:
+        """Every task's counters as of now: what `top` shows and the metrics fold."""
+        self.engine.apply_answers(self.resolver.work())
+        return {"time": time.time(), "tasks": self.engine.top()}
 
     def status(self) -> dict:
         kernel = self.queue.kernel_stats()
@@ -352,6 +362,8 @@ class Service:
         }
         if not self.events:
             due["poll"] = now + cfg.poll_interval
+        if self.metrics:
+            self.metrics.baseline()
         log.info("accounting queue %d in netns %s", self.queue.number, cfg.netns or "(own)")
         try:
             while self._running:
@@ -370,6 +382,8 @@ class Service:
                 finally:
                     self._release_held()
                 self.control.work()  # one command per turn: the queue is served between them
+                if self.metrics:
+                    self.metrics.work()
                 self._timers(due)
             self._drain()
             self.engine.apply_answers(self.resolver.work())
@@ -441,6 +455,8 @@ class Service:
             if self.destroy is None:
                 self._dump_closed()
         finally:  # a failed dump must not cost the cycle its idle and exited removals
+            if self.metrics:
+                self.metrics.refresh()  # what the GC drops is in the aggregates first
             self.engine.gc()
 
     def close(self) -> None:
