@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/queue_reader.py
 	$(PY) bench/setup_latency.py
+	$(PY) bench/metrics_scrape.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
