@@ -185,10 +185,10 @@ class Endpoint:
 
     def _on_accept(self, _mask: int) -> None:
         now = time.monotonic()
-        # Full, a newcomer takes the place of the client that has been silent longest, so
-        # connections that never send a request cannot keep Prometheus out (measured: when
-        # newcomers waited in the backlog, 40 of them kept a scraper waiting past its 10 s timeout).
-        while len(self._clients) < MAX_CLIENTS or self._idle() is not None:
+        while True:
+            full = len(self._clients) >= MAX_CLIENTS
+            if full and not self._make_room():
+                break
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
@@ -196,14 +196,29 @@ class Endpoint:
             except OSError as e:  # EMFILE and friends: try again next turn, say so once
                 self.faults.record("metrics accept", e)
                 break
-            if len(self._clients) >= MAX_CLIENTS:
-                self.dropped += 1
-                self._drop(self._idle())
             sock.setblocking(False)
             client = _Client(sock, now)
             self._clients[sock.fileno()] = client
             self._sel.register(sock, selectors.EVENT_READ, lambda _m, c=client: self._on_readable(c))
+            if full:
+                break  # one at a time: the selector calls again while more wait
         self._accept_more()
+
+    def _make_room(self) -> bool:
+        """Full, a newcomer takes the place of the client that has been silent longest, so
+        connections that never send a request cannot keep Prometheus out (measured: when
+        newcomers waited in the backlog, 40 of them kept a scraper waiting past its 10 s
+        timeout). Each is read a last time first: its request may be there, not yet read."""
+        while len(self._clients) >= MAX_CLIENTS:
+            oldest = self._idle()
+            if oldest is None:
+                return False  # every client waits for its answer: newcomers wait in the backlog
+            fd = oldest.sock.fileno()
+            self._on_readable(oldest)
+            if self._clients.get(fd) is oldest and oldest.out is None and not oldest.waiting:
+                self.dropped += 1
+                self._drop(oldest)
+        return True
 
     def _on_readable(self, client: _Client) -> None:
         try:
