@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the queue reader); nfacct itself needs none of them. systemd (systemd-analyze) and strace are for
 # tests/test_systemd.py, which checks the unit without starting it.
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
-                build-essential python3-dev python3-venv iperf3 curl socat tmux systemd strace
+                build-essential python3-dev python3-venv iperf3 curl socat tmux systemd strace prometheus
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
@@ -39,6 +39,7 @@ bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/queue_reader.py
 	$(PY) bench/setup_latency.py
+	$(PY) bench/metrics_scrape.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

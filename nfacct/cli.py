@@ -21,12 +21,22 @@ from .control import ControlError
 from .netns import NetnsError
 from .queue import QUEUE_MAXLEN, QueueError
 from .rules import DEFAULT_QUEUE, FLOW_SET_SIZE, OFFLOAD_MARK, Rules, RulesError
+from .scrape import ScrapeError, parse_address
 from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
 from .topview import GROUPINGS
 
 HANDED_OVER = 3  # `nfacct run`'s exit status after a successor took over (--takeover)
-EXPECTED_ERRORS = (AtopError, ControlError, NetnsError, QueueError, RulesError, StoreError, PermissionError)
+EXPECTED_ERRORS = (
+    AtopError,
+    ControlError,
+    NetnsError,
+    QueueError,
+    RulesError,
+    ScrapeError,
+    StoreError,
+    PermissionError,
+)
 
 
 def queue_number(value: str) -> int:
@@ -90,6 +100,13 @@ def count(most: int) -> Callable[[str], int]:
         return n
 
     return parse
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    try:
+        return parse_address(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def control_path(value: str) -> str:
@@ -236,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"serve `atop -K` (atop 2.10 and later) at PATH (default {atop.DEFAULT_ATOP_SOCKET}, "
         "where atop looks), as netatop-bpf does",
     )
+    run.add_argument(
+        "--metrics",
+        type=metrics_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: on 127.0.0.1); "
+        "see docs/metrics.md",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
 
     hist = sub.add_parser("history", help="top talkers of a period, from the database")
@@ -310,6 +334,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         mode=args.mode,
         max_offloaded=args.max_offloaded,
         atop_socket=args.atop_socket,
+        metrics=args.metrics,
     )
     try:
         service = Service(config)

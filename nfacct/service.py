@@ -31,6 +31,7 @@ from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
 from .guard import Guard
+from .metrics import Metrics
 from .notify import STATUS_PERIOD, Notifier, status_line
 from .offload import FlowSets, Offloader, OffloadError
 from .persistence import Persistence
@@ -68,6 +69,7 @@ class ServiceConfig:
     mode: str = "offload"  # "queue": every packet through the queue, as before flow offload
     max_offloaded: int = FLOW_SET_SIZE  # flows counted in the kernel at once; beyond, on the queue
     atop_socket: str | None = None  # serve `atop -K` here (netatop-bpf's protocol, nfacct.atop)
+    metrics: tuple[str, int] | None = None  # serve Prometheus metrics at (host, port)
 
     @property
     def coverage_key(self) -> str:
@@ -121,6 +123,9 @@ class Service:
         control.check_path(cfg.control_path)
         if not cfg.takeover:
             self._claim()  # refuses at once if another daemon accounts the namespace
+        self.metrics = Metrics(cfg.metrics, self, self._sel) if cfg.metrics else None  # refuses a taken port
+        if self.metrics:
+            self._resources.callback(self.metrics.close)
         self.sockdiag = SockDiag(cfg.netns)
         self._resources.callback(self.sockdiag.close)
         self.resolver = Resolver(self.sockdiag, faults=self.faults)
@@ -441,6 +446,8 @@ class Service:
         }
         if not self.events:
             due["poll"] = now + cfg.poll_interval
+        if self.metrics:
+            self.metrics.baseline()
         if self.notify.watchdog_period:
             due["watchdog"] = now
         if self.notify.enabled:
@@ -468,6 +475,8 @@ class Service:
                 self.control.work()  # one command per turn: the queue is served between them
                 if self.atop:
                     self.atop.work()
+                if self.metrics:
+                    self.metrics.work()
                 self._timers(due)
             self.notify.stopping("handing over" if self._handing_over else "last verdicts and checkpoint")
             self._drain()
@@ -550,6 +559,8 @@ class Service:
             if self.destroy is None:
                 self._dump_closed()
         finally:  # a failed dump must not cost the cycle its idle and exited removals
+            if self.metrics:
+                self.metrics.refresh()  # what the GC drops is in the aggregates first
             self._offload("refresh", FRESH)  # offloaded flows are idle only if their elements say so
             self.engine.gc()
             self._offload("flush")  # idle offloaded flows: their elements go first, GC drops them next
