@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lab.daemon import Daemon
 from lab.hosts import PEER_V4
 from nfacct import scrape
+from nfacct.cli import HANDED_OVER
 from nfacct.faults import Faults
 from nfacct.metrics import OVER_LIMIT, Aggregates, Collector, Frozen, Health
 from nfacct.tables import COUNTER_NAMES
@@ -469,7 +470,7 @@ def test_a_takeover_keeps_the_port(lab, rules, tmp_path):
     try:
         assert b"nfacct_engine_packets_total" in scrape_once(port)
         second = Daemon(lab.acct, tmp_path, "--takeover", "--metrics", f"127.0.0.1:{port}", db=first.db)
-        assert first.proc.wait(timeout=15) == 0
+        assert first.proc.wait(timeout=15) == HANDED_OVER
         assert b"nfacct_engine_packets_total" in scrape_once(port)
         with pytest.raises(scrape.ScrapeError, match="Address already in use"):
             scrape.listen("127.0.0.1", port)
