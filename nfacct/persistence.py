@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .coverage import NOT_COUNTING, Coverage
 from .engine import Engine
-from .offload import flow_bytes, flow_from_bytes
+from .flowsets import flow_bytes, flow_from_bytes
 from .procs import is_alive
 from .store import Offloaded, Store
 from .tables import COUNTER_NAMES, FlowKey, TaskInfo

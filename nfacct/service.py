@@ -30,10 +30,11 @@ from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
+from .flowsets import FlowSets, OffloadError
 from .guard import Guard
 from .metrics import Metrics
 from .notify import STATUS_PERIOD, Notifier, status_line
-from .offload import FlowSets, Offloader, OffloadError
+from .offload import Offloader
 from .persistence import Persistence
 from .procs import is_alive, process_facts
 from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, Queue, QueuedPacket

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from lab.daemon import Daemon
 from lab.hosts import ACCT_V4, ACCT_V6, PEER_V4, PEER_V6
-from nfacct.offload import elements, flow_bytes, flow_from_bytes, flow_of
+from nfacct.flowsets import elements, flow_bytes, flow_from_bytes, flow_of
 from nfacct.tables import COUNTER_NAMES
 
 ports = st.integers(0, 65535)
