@@ -3,9 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # libnetfilter-queue-dev and the build tools are for the bench's netfilterqueue only (the A/B of
-# the queue reader); nfacct itself needs none of them.
+# the queue reader); nfacct itself needs none of them. shellcheck checks rules/install.sh (a test).
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
-                build-essential python3-dev python3-venv iperf3 curl socat tmux
+                build-essential python3-dev python3-venv iperf3 curl socat tmux shellcheck
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
