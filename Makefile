@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # libnetfilter-queue-dev and the build tools are for the bench's netfilterqueue only (the A/B of
 # the queue reader); nfacct itself needs none of them. systemd (systemd-analyze) and strace are for
-# tests/test_systemd.py, which checks the unit without starting it.
+# tests/test_systemd.py, which checks the unit without starting it; shellcheck checks rules/install.sh.
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
-                build-essential python3-dev python3-venv iperf3 curl socat tmux systemd strace prometheus
+                build-essential python3-dev python3-venv iperf3 curl socat tmux systemd strace prometheus \
+                shellcheck
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
