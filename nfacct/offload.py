@@ -67,16 +67,18 @@ class Offloader:
         self.read_at: float | None = None  # time.monotonic() of the last full reading
         self.read_seconds = 0.0  # what the last full reading cost
 
-    def start(self, saved: dict[FlowKey, list[int]]) -> None:
+    def start(self, saved: dict[FlowKey, list[int]], first: bool) -> None:
         """Continue from the elements in the kernel: flows we hold (handed over) go on from their
         readings, others are adopted with what the checkpoint `saved` of them (an element
-        added after that checkpoint: nothing of it is in the totals we continue)."""
+        added after that checkpoint: nothing of it is in the totals we continue). `first`: no
+        daemon has written this database for the namespace, so nothing the elements counted
+        so far is ours (another database holds it, or nobody does)."""
         now = time.monotonic()
         flows = _flows(self._read_all())
         held = self.engine.offloaded_flows()
         for flow, reading in flows.items():
             if flow not in held:
-                self.engine.adopt(flow, saved.get(flow, [0, 0, 0, 0]), now)
+                self.engine.adopt(flow, saved.get(flow, reading if first else [0, 0, 0, 0]), now)
             self.engine.credit(flow, reading, now)
         for flow in held.keys() - flows.keys():  # handed over, but its elements are gone
             self.engine.withdrawn(flow)

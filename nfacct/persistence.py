@@ -42,6 +42,7 @@ class Persistence:
         self._waiting = waiting
         self.exit_grace = exit_grace
         self.coverage: Coverage | None = None
+        self.first_here = True  # no daemon has checkpointed this namespace into this database yet
         self._pending_gaps: list[dict] = []  # unaccounted gaps whose write failed: retried
 
     def restore(self, counter_at_start: int | None, handed: dict | None = None) -> list[FlowKey]:
@@ -70,6 +71,7 @@ class Persistence:
         counter = self._counter()
         if counter is not None:
             covered = self.store.state(self.coverage_key)
+            self.first_here = covered is None
             if covered is None:  # the first daemon here: nothing before our bind is ours to claim
                 start = counter_at_start if counter_at_start is not None else 0
                 self.coverage = Coverage(start, time.time())

@@ -225,7 +225,7 @@ class Service:
         self._resources.callback(sets.close)
         self.offloader = Offloader(sets, self.engine, self.faults, cfg.max_offloaded, cfg.mode)
         try:
-            self.offloader.start(self.persistence.offloaded())
+            self.offloader.start(self.persistence.offloaded(), self.persistence.first_here)
         except (OffloadError, OSError) as e:
             raise ServiceError(f"reading the flow sets failed: {e}") from None
 

@@ -291,3 +291,30 @@ def test_a_ruleset_without_flow_sets_means_queue_mode_said_once(
     finally:
         rules.install()
     assert rules.has_flow_sets()
+
+
+def test_a_daemon_with_another_database_claims_nothing_elements_counted_before(
+    lab, counters, port, procs, daemons, tmp_path, echo
+):
+    """Elements a daemon leaves count on; a daemon writing a different database (or the first one
+    ever) must not credit what they counted before it started: another database holds that."""
+    first = Daemon(lab.acct, tmp_path / "first")
+    daemons.append(first)
+    sport = port()
+    count_port(counters, "tcp", sport)
+    c = client(lab, PEER_V4, echo, sport, "--size", "100000", "--rounds", "30", "--pause", "0.1", "--hold")
+    procs.append(c)
+    assert until(lambda: elements_in_kernel(lab, sport), 2) == 2
+    assert first.stop() == 0
+    before = kernel(counters, "tcp", sport)
+    assert elements_in_kernel(lab, sport) == 2, "a stopped daemon leaves its elements counting"
+    second = Daemon(lab.acct, tmp_path / "second")
+    daemons.append(second)
+    assert report(c)["received"] == 30 * 100000
+    after = kernel(counters, "tcp", sport)
+    ours = until(lambda: (totals(second, c.pid) or {}).get("tcpsndpacks", 0) > 0, True)
+    assert ours, "the flow is adopted and counted from the second daemon's start"
+    time.sleep(1.2)  # a fresh reading
+    got = totals(second, c.pid)
+    assert 0 < got["tcpsndpacks"] <= after["tcpsndpacks"] - before["tcpsndpacks"], (got, before, after)
+    assert second.stop() == 0
