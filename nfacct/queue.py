@@ -251,15 +251,18 @@ class Queue:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def dispatch(self) -> None:
-        """Hand every packet waiting on the socket to the callback; returns when none is left.
+    def dispatch(self, most: int | None = None) -> None:
+        """Hand the packets waiting on the socket to the callback: all of them, or at most `most`
+        (the loop's turn: see DISPATCH_MOST in nfacct.service).
 
         Each packet is a datagram of its own; their verdicts go out together every
         VERDICT_BATCH packets and when the socket is empty, in as few messages as `flush` can."""
         recv_into, buf, view = self._sock.recv_into, self._buf, self._view
         pending = 0
+        left = -1 if most is None else most
         self.on_read()
-        while True:
+        while left:
+            left -= 1
             try:
                 n = recv_into(buf)
             except BlockingIOError:
