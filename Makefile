@@ -2,8 +2,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-# libnetfilter-queue-dev and the build tools are for the bench's netfilterqueue only (the A/B of
-# the queue reader); nfacct itself needs none of them.
+# libnetfilter-queue-dev and the build tools are for the bench only (netfilterqueue in the A/B of
+# the queue reader, and bench/*.c compiled by bench/modes.py); nfacct itself needs none of them.
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
                 build-essential python3-dev python3-venv iperf3
 STAMP := $(VENV)/.installed
@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/queue_reader.py
 	$(PY) bench/setup_latency.py
+	$(PY) bench/modes.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,9 +10,9 @@ throwaway namespace pair (traffic from the accounted namespace `acct` to servers
   connect, 32 bytes echoed by a C epoll server, exit; 8 at once);
 - connect to first echoed byte (loadgen `latency`): 200 connections from one long-lived process,
   then 40 new processes (fork + exec) of one connection each.
-Then, once per daemon mode, 100,000 concurrent UDP flows (loadgen `hold`: 100,000 sockets, one
-datagram each, kept open): the daemon's RSS, its tables, the flow sets' elements, then the time
-until everything is gone once the sockets close. And the kernel memory of one set element,
+Then, once per daemon mode, 100,000 concurrent UDP flows (loadgen `hold` in 6 processes: 100,000
+sockets, one datagram each at 3,000 new flows/s, kept open): the daemon's RSS, its tables, the
+flow sets' elements, then the time until everything is gone once the sockets close. And the kernel memory of one set element,
 measured (`element_cost`).
 
 Every configuration starts from a clean slate: nfacct's rules removed and (except for the kernel
