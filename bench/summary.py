@@ -65,15 +65,18 @@ def latencies(runs: dict, config: str, kind: str) -> list[float]:
 
 
 def exactness(runs: list[dict]) -> str:
-    """'exact' if nfacct's counts equaled the kernel's in every run, else the largest gap."""
+    """'exact' if nfacct's counts equaled the kernel's in every run, else the largest gap in
+    packets (in bytes if only bytes differ) and in how many runs there was one."""
     diffs = [r["check"]["diff"] for r in runs if "check" in r]
     if not diffs:
         return "-"
-    worst = max((abs(v), k, v) for d in diffs for k, v in d.items()) if any(diffs) else None
-    if worst is None:
+    if not any(diffs):
         return "exact"
-    _, name, value = worst
-    return f"{value:+,} {name} ({sum(1 for d in diffs if d)}/{len(diffs)} runs)"
+    gaps = [(abs(v), k, v) for d in diffs for k, v in d.items()]
+    packets = [g for g in gaps if g[1].endswith("packs")]
+    _, name, value = max(packets or gaps)
+    unit = "packets" if packets else "bytes"
+    return f"{value:+,} {unit} {name[:6]} ({sum(1 for d in diffs if d)}/{len(diffs)} runs)"
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -82,6 +85,14 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 def _row(cells: Iterable[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def _spread(values: list[float]) -> str:
+    """The median, and the range when there is more than one run."""
+    if not values:
+        return "-"
+    mid = f"{median(values):,.2f}"
+    return mid if len(values) == 1 else f"{mid} ({min(values):,.1f}-{max(values):,.1f})"
 
 
 def throughput_table(res: dict) -> list[str]:
@@ -93,14 +104,14 @@ def throughput_table(res: dict) -> list[str]:
     for name, fig in FIGURES.items():
         if name not in runs:
             continue
-        values = {c: figure(runs, name, c) for c in CONFIGS}
+        values = {c: [r[fig.key] for r in runs[name].get(c, [])] for c in CONFIGS}
         lines.append(
             _row(
                 (
                     f"{fig.title}, {fig.unit}",
-                    *(_num(values[c]) for c in CONFIGS),
-                    _num(ratio(values["offload"], values["kernel"]), 3),
-                    _num(ratio(values["queue"], values["consumer"]), 3),
+                    *(_spread(values[c]) for c in CONFIGS),
+                    _num(ratio(figure(runs, name, "offload"), figure(runs, name, "kernel")), 3),
+                    _num(ratio(figure(runs, name, "queue"), figure(runs, name, "consumer")), 3),
                 )
             )
         )
@@ -132,20 +143,51 @@ def _p50_extra(runs: dict, kind: str, config: str = "offload") -> float | None:
 
 
 def daemon_table(res: dict) -> list[str]:
-    """What the consumers did per workload: CPU seconds, exactness, what passed them unseen."""
+    """What each consumer did per workload: its CPU seconds, its counts against the kernel's, and
+    where the packets it did not count for the process went (medians over the runs)."""
     runs = res["runs"]
     lines = [
         _row(
-            ("workload", "C consumer CPU s", "queue CPU s", "offload CPU s", "queue counts", "offload counts")
+            (
+                "workload",
+                "consumer",
+                "CPU s",
+                "counts vs kernel",
+                "unidentified packets",
+                "passed unseen",
+                "lost to socket buffer",
+            )
         ),
-        _row(("---",) * 6),
+        _row(("---",) * 7),
     ]
     for name in (*FIGURES, LATENCY):
         if name not in runs:
             continue
         title = FIGURES[name].title if name in FIGURES else "connect to first byte"
-        cpu = [_num(median(r["cpu_s"] for r in runs[name].get(c, []))) for c in ("consumer", *DAEMONS)]
-        lines.append(_row((title, *cpu, *(exactness(runs[name].get(c, [])) for c in DAEMONS))))
+        for config in ("consumer", *DAEMONS):
+            done = runs[name].get(config, [])
+            if not done:
+                continue
+            checks = [r["check"] for r in done if "check" in r]
+
+            def mid(key: str, checks: list[dict] = checks) -> str:
+                return "-" if not checks else f"{median(c[key] for c in checks):,.0f}"
+
+            unseen = mid("unseen") if checks else f"{median(r['unseen'] for r in done):,.0f}"
+            cpu = _num(median(r["cpu_s"] for r in done))
+            lines.append(
+                _row(
+                    (
+                        title,
+                        HEADS[config],
+                        cpu,
+                        exactness(done),
+                        mid("unidentified_packets"),
+                        unseen,
+                        mid("missed"),
+                    )
+                )
+            )
     return lines
 
 
@@ -194,53 +236,55 @@ def flows_table(res: dict) -> list[str]:
 
 class Target(NamedTuple):
     text: str
-    measure: Callable[[dict], tuple[float | None, bool | None]]  # (the figure, met or not)
+    measure: Callable[[dict], tuple[str, bool | None]]  # (the figure as shown, met or not)
 
 
 def _at_least(workload: str, num: str, den: str, bound: float) -> Callable[[dict], tuple]:
-    def measure(res: dict) -> tuple[float | None, bool | None]:
+    def measure(res: dict) -> tuple[str, bool | None]:
         r = ratio(figure(res["runs"], workload, num), figure(res["runs"], workload, den))
-        return r, None if r is None else r >= bound
+        return _num(r, 3), None if r is None else r >= bound
 
     return measure
 
 
 def _exact(workload: str) -> Callable[[dict], tuple]:
-    def measure(res: dict) -> tuple[float | None, bool | None]:
-        runs = res["runs"].get(workload, {}).get("offload", [])
-        return None, None if not runs else exactness(runs) == "exact"
+    def measure(res: dict) -> tuple[str, bool | None]:
+        shown = exactness(res["runs"].get(workload, {}).get("offload", []))
+        return shown, None if shown == "-" else shown == "exact"
 
     return measure
 
 
-def _connections_attributed(res: dict) -> tuple[float | None, bool | None]:
+def _connections_attributed(res: dict) -> tuple[str, bool | None]:
     """Every child a row of its own, every flow offloaded, nothing unidentified, in every run."""
     runs = res["runs"].get("connections", {}).get("offload", [])
     if not runs:
-        return None, None
-    missing = sum(r["check"]["processes"] - r["check"]["attributed"] for r in runs)
-    ok = missing == 0 and all(
-        r["check"]["unidentified_packets"] == 0 and r["check"]["offload_added"] >= r["connections"]
-        for r in runs
-    )
-    return missing, ok
+        return "-", None
+    checks = [r["check"] for r in runs]
+    missing = sum(c["processes"] - c["attributed"] for c in checks)
+    unidentified = sum(c["unidentified_packets"] for c in checks)
+    short = sum(max(0, r["connections"] - r["check"]["offload_added"]) for r in runs)
+    shown = f"{missing:,} processes missing, {unidentified:,} unidentified, {short:,} not offloaded"
+    return shown, missing == unidentified == short == 0
 
 
 def _latency(kind: str, bound: float) -> Callable[[dict], tuple]:
-    def measure(res: dict) -> tuple[float | None, bool | None]:
+    def measure(res: dict) -> tuple[str, bool | None]:
         extra = _p50_extra(res["runs"], kind)
-        return extra, None if extra is None else extra <= bound
+        return ("-" if extra is None else f"+{extra:.2f} ms"), None if extra is None else extra <= bound
 
     return measure
 
 
 def _rss(mode: str, bound: float) -> Callable[[dict], tuple]:
-    def measure(res: dict) -> tuple[float | None, bool | None]:
+    """Peak RSS in MB, met only if every flow made it into the tables."""
+
+    def measure(res: dict) -> tuple[str, bool | None]:
         f = res.get("flows", {}).get(mode)
         if f is None:
-            return None, None
-        mb = f["peak"]["hwm_mib"] * 2**20 / 1e6
-        return mb, mb <= bound and f["peak"]["sockinfo"] >= f["sockets"]
+            return "-", None
+        mb, held = f["peak"]["hwm_mib"] * 2**20 / 1e6, f["peak"]["sockinfo"]
+        return f"{mb:.0f} MB with {held:,} flows", mb <= bound and held >= f["sockets"]
 
     return measure
 
@@ -267,8 +311,7 @@ TARGETS = (
 def targets_table(res: dict) -> list[str]:
     lines = [_row(("target (issue 9)", "measured", "met")), _row(("---",) * 3)]
     for t in TARGETS:
-        value, ok = t.measure(res)
-        shown = "-" if value is None else (f"{value:,.3f}" if isinstance(value, float) else f"{value:,}")
+        shown, ok = t.measure(res)
         lines.append(_row((t.text, shown, {True: "yes", False: "**no**", None: "-"}[ok])))
     return lines
 
