@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout'
 from bench import summary
 from lab.daemon import Daemon
 from lab.hosts import ACCT_V4, PEER_V4, Counters, Lab, stop_all
-from nfacct import control
+from nfacct import control, text
 from nfacct.offload import FlowSets, elements
 from nfacct.rules import Rules
 from nfacct.tables import COUNTER_NAMES
@@ -170,6 +170,8 @@ class Setup:
             end = {"queued": queued, "seen": seen, "unseen": queued - seen}
         if self.daemon is not None:
             end["exit_status"] = self.daemon.stop()
+            if end["exit_status"] != 0:  # its log goes with the temporary directory: keep its end
+                end["log_tail"] = text.escape(text.decode(self.daemon.log.read_bytes()[-2000:]))
         self.env.rules.remove()
         return end
 
@@ -178,18 +180,8 @@ class Setup:
 
 
 def tcp_bulk(env: Env, seconds: float) -> tuple[dict, set[int]]:
-    argv = [
-        "iperf3",
-        "-c",
-        PEER_V4,
-        "-p",
-        str(IPERF_PORT),
-        "-t",
-        str(seconds),
-        "-J",
-        "--connect-timeout",
-        "3000",
-    ]
+    argv = ["iperf3", "-c", PEER_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+    argv += ["--connect-timeout", "3000"]
     # `ip netns exec` execs iperf3 itself, so the Popen pid is the client's pid.
     proc = subprocess.Popen(env.lab.cmd(env.lab.acct, argv), stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=seconds + 20)
@@ -207,9 +199,8 @@ def tcp_bulk(env: Env, seconds: float) -> tuple[dict, set[int]]:
 def udp_flood(sockets: int) -> Callable[[Env, float], tuple[dict, set[int]]]:
     def run(env: Env, seconds: float) -> tuple[dict, set[int]]:
         out = env.loadgen("udp", PEER_V4, SINK_PORT, sockets, seconds, UDP_SIZE)
-        return {"kpps": out["sent"] / out["seconds"] / 1e3, "sent": out["sent"], "failed": out["failed"]}, {
-            out["pid"]
-        }
+        figures = {"kpps": out["sent"] / out["seconds"] / 1e3, "sent": out["sent"], "failed": out["failed"]}
+        return figures, {out["pid"]}
 
     return run
 
@@ -271,14 +262,17 @@ def check(setup: Setup, status: dict, pids: set[int], kernel: dict[str, int]) ->
     tasks = [t for t in setup.request("top")["tasks"] if t["pid"] in pids]
     counted = {k: sum(t[k] for t in tasks) for k in kernel}
     engine = status["engine"]
+    queued = setup.env.rules.queued_packets()
     return {
         "diff": {k: counted[k] - v for k, v in kernel.items() if counted[k] != v},
         "processes": len(pids),
         "attributed": sum(1 for t in tasks if any(t[k] for k in kernel)),
         "unidentified_packets": sum(v for k, v in engine["unidentified"].items() if k.endswith("packs")),
         "offload_added": status["offload"].get("added"),
-        "queued": setup.env.rules.queued_packets(),
+        "queued": queued,
         "seen": engine["packets"],
+        # sent to the queue but never read: FAIL_OPEN let them pass a full queue
+        "unseen": queued - engine["packets"],
         "missed": status["queue"].get("missed"),
         "faults": status["faults"],
     }
@@ -297,7 +291,6 @@ def run_one(env: Env, workload: str, config: str, seconds: float, directory: Pat
         res["kernel"] = kernel
         if status is not None:
             res["check"] = check(setup, status, pids, kernel)
-            res["check"]["unseen"] = res["check"]["queued"] - res["check"]["seen"]
     finally:
         res_end = setup.close()
     res.update(res_end)
@@ -347,16 +340,11 @@ def many_flows(env: Env, mode: str, count: int, directory: Path) -> dict:
         time.sleep(1.0)  # imports done, tables empty
         idle = setup.request("status")["engine"]["sockinfo"]
         before, kmem = env.counters.read(), kernel_memory()
-        holders = []
         for i, n in enumerate(split(count)):
             local, first = (ACCT_V4, SECOND_V4)[i // 3], 10_000 + (i % 3) * PER_HOLDER
             argv = [str(env.tools / "loadgen"), "hold", PEER_V4, str(SINK_PORT), str(n)]
-            argv += [str(FLOW_RATE * n / count), local, str(first)]
-            holders.append(
-                subprocess.Popen(
-                    env.lab.cmd(env.lab.acct, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-                )
-            )
+            argv = env.lab.cmd(env.lab.acct, [*argv, str(FLOW_RATE * n / count), local, str(first)])
+            holders.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         reports = [read_line(h, count / FLOW_RATE + 60) for h in holders]
         res: dict[str, Any] = {k: sum(r[k] for r in reports) for k in ("sockets", "sent", "ports_in_use")}
         res["processes"] = len(holders)
@@ -487,6 +475,8 @@ def progress(workload: str, config: str, r: dict) -> None:
         else f"p50 long-lived {summary.median(r['long_lived_ms']):.2f} ms"
     )
     verdict = "" if "check" not in r else f"  {summary.exactness([r])}, unseen {r['check']['unseen']:,}"
+    if r.get("exit_status"):
+        verdict += f"  DAEMON EXITED WITH STATUS {r['exit_status']}: {r['log_tail']}"
     print(
         f"  {workload:<12}{summary.HEADS[config]:<17}{shown:>18}  cpu {r['cpu_s']:5.2f} s{verdict}",
         file=sys.stderr,
@@ -531,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_one(env, workload, config, args.seconds, Path(tmp) / f"run{n}")
                         res["runs"].setdefault(workload, {}).setdefault(config, []).append(r)
                         progress(workload, config, r)
-            if "connections" in chosen:
+            if "connections" in chosen:  # no rules since the last run's close: the client alone
                 dry, _ = connections(env, args.seconds, dry=True)
                 res["harness"] = dry
             if "flows" in chosen:
