@@ -2,9 +2,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-# libnetfilter-queue-dev and the build tools are for the bench's netfilterqueue only (the A/B of
-# the queue reader); nfacct itself needs none of them. systemd (systemd-analyze) and strace are for
-# tests/test_systemd.py, which checks the unit without starting it; shellcheck checks rules/install.sh.
+# libnetfilter-queue-dev and the build tools are for the bench only (netfilterqueue in the A/B of
+# the queue reader, and bench/*.c compiled by bench/modes.py); nfacct itself needs none of them.
+# systemd (systemd-analyze) and strace are for tests/test_systemd.py, which checks the unit
+# without starting it; shellcheck checks rules/install.sh.
 APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 iputils-ping \
                 build-essential python3-dev python3-venv iperf3 curl socat tmux systemd strace prometheus \
                 shellcheck
@@ -41,6 +42,7 @@ bench: setup
 	$(PY) bench/queue_reader.py
 	$(PY) bench/setup_latency.py
 	$(PY) bench/metrics_scrape.py
+	$(PY) bench/modes.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
