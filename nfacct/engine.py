@@ -199,6 +199,14 @@ class Engine:
         si.offload = list(reading)
         self.credited.add(key)
 
+    def credit_element(self, key: FlowKey, i: int, packets: int, nbytes: int, now: float) -> None:
+        """A reading of one of the flow's elements (i: 0 the outgoing one, 2 the incoming one)."""
+        si = self.tables.socks.get(key)
+        if si is not None and si.offload is not None:
+            reading = list(si.offload)
+            reading[i], reading[i + 1] = packets, nbytes
+            self.credit(key, reading, now)
+
     def adopt(self, key: FlowKey, credited: list[int], now: float) -> None:
         """An element found in the kernel at start whose flow we do not hold: `credited` of its
         reading is already in the totals we continue (the predecessor's checkpoint)."""

@@ -14,6 +14,7 @@ removal.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from collections.abc import Iterable, Iterator
@@ -254,11 +255,20 @@ class FlowSets:
             raise OffloadError(f"cannot open nf_tables netlink socket: {e.strerror} (needs root)") from e
         self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         self._sock.bind((0, 0))
+        # Readings come on a socket of their own, in steps, between the loop's other work.
+        self._dump = netlink.open_socket(NETLINK_NETFILTER, netns_name)
+        self._dump.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        self._dump.bind((0, 0))
+        self._dump.setblocking(False)
+        self._dumping: str | None = None  # the set being dumped now
+        self._to_dump: list[str] = []
+        self._dump_seq = 0
         self._seq = 0
         self.requests = 0
 
     def close(self) -> None:
         self._sock.close()
+        self._dump.close()
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -328,25 +338,57 @@ class FlowSets:
         return last, refused
 
     def read(self) -> dict[Element, tuple[int, int]]:
-        """Every element of the four sets with its (packets, bytes)."""
+        """Every element of the four sets with its (packets, bytes), at once (the daemon's start)."""
         counts: dict[Element, tuple[int, int]] = {}
-        for name in SETS:
-            seq = self._next_seq()
-            self._sock.send(dump_message(name, seq))
-            self.requests += 1
-            done = False
-            while not done:
-                buf = self._sock.recv(RECV_SIZE)
-                for m in netlink.messages(buf):
-                    if m.seq != seq:
-                        continue
-                    if m.type == NLMSG_DONE:
-                        done = True
-                    elif m.type == NLMSG_ERROR:
-                        code = netlink.error_code(buf, m)
-                        if code:
-                            raise OffloadError(f"reading flow set {name}: {os.strerror(code)}")
-                        done = True
-                    elif m.type == _msg_type(NFT_MSG_NEWSETELEM):
-                        counts.update(parse_elements(buf, m))
-        return counts
+        self.begin_read()
+        while True:
+            got, done = self.read_some(64)
+            counts.update(got)
+            if done:
+                return counts
+            if not got:
+                select.select([self._dump], [], [], 1.0)
+
+    def begin_read(self) -> None:
+        """Start a reading of the four sets, to be taken in steps by `read_some` (a dump of one
+        set at a time, on a socket of its own, so transactions go on meanwhile)."""
+        self._to_dump = list(SETS)
+        self._dump_next()
+
+    def _dump_next(self) -> None:
+        self._dump_seq = self._next_seq()
+        self._dumping = self._to_dump.pop(0)
+        self._dump.send(dump_message(self._dumping, self._dump_seq))
+        self.requests += 1
+
+    @property
+    def reading(self) -> bool:
+        return self._dumping is not None
+
+    def read_some(self, most: int) -> tuple[list[tuple[Element, tuple[int, int]]], bool]:
+        """At most `most` datagrams of the reading begun: the elements they hold, and whether the
+        reading is done. The kernel fills each datagram as the last one is read, so a step costs
+        its share of the dump and no more (11 µs per element in the kernel, measured on 6.18)."""
+        got: list[tuple[Element, tuple[int, int]]] = []
+        for _ in range(most):
+            if self._dumping is None:
+                break
+            try:
+                buf = self._dump.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            for m in netlink.messages(buf):
+                if m.seq != self._dump_seq:
+                    continue
+                if m.type == _msg_type(NFT_MSG_NEWSETELEM):
+                    got += parse_elements(buf, m)
+                elif m.type in (NLMSG_DONE, NLMSG_ERROR):
+                    code = netlink.error_code(buf, m) if m.type == NLMSG_ERROR else 0
+                    failed = self._dumping
+                    self._dumping = None
+                    if code:
+                        raise OffloadError(f"reading flow set {failed}: {os.strerror(code)}")
+                    if self._to_dump:
+                        self._dump_next()
+                    break
+        return got, self._dumping is None

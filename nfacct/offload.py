@@ -23,6 +23,10 @@ from .tables import FlowKey
 # by `top` and `status` come at most this often, as a share of the daemon's time, however often
 # they are asked: ≤ 1 s stale up to some 7,000 flows, ten times the reading's cost beyond.
 READ_SHARE = 0.1
+# A reading is taken in steps of this many datagrams (some 430 elements each) per loop turn, so
+# that it never holds the queue: taken at once, 150,000 elements stalled the loop 1.5-1.7 s and
+# the queue's socket buffer overflowed meanwhile (bench/modes.py, docs/performance.md).
+STEP = 4
 
 
 def _reading(counts: dict[Element, tuple[int, int]], flow: FlowKey) -> list[int] | None:
@@ -64,8 +68,13 @@ class Offloader:
         self.overflow = 0  # flows left on the queue path: the sets were full
         self.refused: dict[str, int] = {}  # flows the kernel refused, by errno name
         self.reads = 0
-        self.read_at: float | None = None  # time.monotonic() of the last full reading
-        self.read_seconds = 0.0  # what the last full reading cost
+        self.read_at: float | None = None  # time.monotonic() when the last whole reading began
+        self.read_seconds = 0.0  # what the last whole reading cost the loop, its steps summed
+        self._began: float | None = None  # the reading in steps now, when it began
+        self._cost = 0.0  # what its steps have cost so far
+        # Flows whose elements were added or removed while a reading is under way: what it says
+        # of them may be an element that is gone (crediting it again would count twice).
+        self._touched: set[FlowKey] = set()
 
     def start(self, saved: dict[FlowKey, list[int]], first: bool) -> None:
         """Continue from the elements in the kernel: flows we hold (handed over) go on from their
@@ -91,27 +100,58 @@ class Offloader:
     def _read_all(self) -> dict[Element, tuple[int, int]]:
         started = time.monotonic()
         counts = self.sets.read()
-        self.read_at = time.monotonic()
-        self.read_seconds = self.read_at - started
+        self.read_at = started
+        self.read_seconds = time.monotonic() - started
         self.reads += 1
         return counts
 
+    @property
+    def reading(self) -> bool:
+        """A reading is under way: the loop should turn again at once to take its next step."""
+        return self._began is not None
+
     def refresh(self, max_age: float = 0.0) -> None:
-        """Credit every offloaded flow with its elements' counts, unless the last reading is
-        younger than `max_age` seconds (or, when asked often, than READ_SHARE allows)."""
+        """Begin a reading of every offloaded flow's elements, unless one is under way or the last
+        began less than `max_age` seconds ago (or, when asked often, than READ_SHARE allows).
+        The loop takes it in steps (`step`); each element credits its flow as it comes."""
         if max_age:
             max_age = max(max_age, self.read_seconds / READ_SHARE)
-        if self.flows == 0 or (self.read_at is not None and time.monotonic() - self.read_at < max_age):
+        if self.flows == 0 or self._began is not None:
             return
-        flows = _flows(self._read_all())
-        now = time.monotonic()
-        for flow, reading in flows.items():
-            self.engine.credit(flow, reading, now)
+        if self.read_at is not None and time.monotonic() - self.read_at < max_age:
+            return
+        self._began, self._cost = time.monotonic(), 0.0
+        self._touched.clear()
+        self.sets.begin_read()
+        self.step(4 * STEP)  # a few thousand flows: read whole at once, as fresh as can be
+
+    def step(self, most: int = STEP) -> None:
+        """The next step of the reading under way, if one is: at most `most` datagrams."""
+        if self._began is None:
+            return
+        started = time.monotonic()
+        try:
+            got, done = self.sets.read_some(most)
+        except BaseException:
+            self._began = None  # the next refresh begins anew
+            raise
+        for el, (packets, nbytes) in got:
+            flow = flow_of(el)
+            if flow is not None and flow not in self._touched:
+                self.engine.credit_element(
+                    flow, 0 if el.set.startswith("out") else 2, packets, nbytes, started
+                )
+        self._cost += time.monotonic() - started
+        if done:
+            self.read_at, self.read_seconds, self._began = self._began, self._cost, None
+            self.reads += 1
 
     def withdraw(self, flows: list[FlowKey]) -> None:
         """Remove the flows' elements, crediting each with its last count as it goes."""
         if not flows:
             return
+        if self._began is not None:
+            self._touched.update(flows)
         last, refused = self.sets.remove([el for flow in flows for el in elements(flow)])
         self._note_refused(refused, "removing")
         now = time.monotonic()
@@ -139,6 +179,8 @@ class Offloader:
         if failed:  # a flow goes whole or not at all: take back its other element
             self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
         done = [flow for flow in ready if flow not in failed]
+        if self._began is not None:
+            self._touched.update(done)
         self.engine.offloaded_now(done)
         self.flows += len(done)
         self.added += len(done)
@@ -160,6 +202,7 @@ class Offloader:
             "refused": dict(self.refused),
             "reads": self.reads,
             "counter_age": None if self.read_at is None else time.monotonic() - self.read_at,
+            "reading": self._began is not None,
             "read_seconds": self.read_seconds,
             "netlink_requests": self.sets.requests,
         }

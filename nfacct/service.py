@@ -242,6 +242,8 @@ class Service:
         try:
             if work == "flush":
                 self.offloader.flush()
+            elif work == "step":
+                self.offloader.step()
             else:
                 self.offloader.refresh(max_age)
         except (OffloadError, OSError) as e:
@@ -468,7 +470,7 @@ class Service:
                 resolver_due = self.resolver.next_due()
                 if resolver_due is not None:
                     wait = min(wait, resolver_due)
-                if self.control.busy:
+                if self.control.busy or (self.offloader is not None and self.offloader.reading):
                     wait = 0.0
                 for key, mask in sel.select(timeout=max(0.0, wait)):
                     key.data(mask)
@@ -478,6 +480,7 @@ class Service:
                 finally:
                     self._release_held()
                 self._offload("flush")
+                self._offload("step")
                 self.control.work()  # one command per turn: the queue is served between them
                 if self.atop:
                     self.atop.work()
