@@ -110,10 +110,11 @@ class Offloader:
         """A reading is under way: the loop should turn again at once to take its next step."""
         return self._began is not None
 
-    def refresh(self, max_age: float = 0.0) -> None:
+    def refresh(self, max_age: float = 0.0, at_once: int = 4 * STEP) -> None:
         """Begin a reading of every offloaded flow's elements, unless one is under way or the last
         began less than `max_age` seconds ago (or, when asked often, than READ_SHARE allows).
-        The loop takes it in steps (`step`); each element credits its flow as it comes."""
+        Its first `at_once` datagrams are read now (a few thousand flows: all of them, as fresh
+        as can be), the rest in steps of the loop (`step`); each element credits its flow."""
         if max_age:
             max_age = max(max_age, self.read_seconds / READ_SHARE)
         if self.flows == 0 or self._began is not None:
@@ -123,7 +124,8 @@ class Offloader:
         self._began, self._cost = time.monotonic(), 0.0
         self._touched.clear()
         self.sets.begin_read()
-        self.step(4 * STEP)  # a few thousand flows: read whole at once, as fresh as can be
+        if at_once:
+            self.step(at_once)
 
     def step(self, most: int = STEP) -> None:
         """The next step of the reading under way, if one is: at most `most` datagrams."""

@@ -11,13 +11,17 @@ import subprocess
 import time
 
 import pytest
-from conftest import count_port, exited_rows, kernel, until
+from conftest import count_port, exited_rows, facts, free_port, kernel, until
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lab.daemon import Daemon
 from lab.hosts import ACCT_V4, ACCT_V6, PEER_V4, PEER_V6
-from nfacct.flowsets import elements, flow_bytes, flow_from_bytes, flow_of
+from nfacct.engine import Engine
+from nfacct.faults import Faults
+from nfacct.flowsets import FlowSets, elements, flow_bytes, flow_from_bytes, flow_of
+from nfacct.offload import Offloader
+from nfacct.resolver import Answer
 from nfacct.tables import COUNTER_NAMES
 
 ports = st.integers(0, 65535)
@@ -318,3 +322,41 @@ def test_a_daemon_with_another_database_claims_nothing_elements_counted_before(
     got = totals(second, c.pid)
     assert 0 < got["tcpsndpacks"] <= after["tcpsndpacks"] - before["tcpsndpacks"], (got, before, after)
     assert second.stop() == 0
+
+
+def test_a_flow_removed_and_added_again_during_a_reading_is_not_counted_twice(lab, rules):
+    """A reading's next datagram is filled before we read it: a flow whose element is removed
+    (its last count credited) and added again meanwhile would find the old element's count in
+    it, and count it twice. The engine, the offloader and the sets are real; so are the packets
+    (UDP on the namespace's loopback, counted by the element)."""
+    lab.run(lab.acct, ["ip", "link", "set", "lo", "up"])
+    engine = Engine()
+    offloader = Offloader(FlowSets(lab.acct), engine, Faults(), limit=100)
+    try:
+        lo = bytes([127, 0, 0, 1])
+        sport, dport = free_port(), free_port()
+        flow = (17, lo, sport, lo, dport)
+        engine.tables.add_sock(flow, time.monotonic())
+        engine.apply_answers([Answer(flow, facts(4242))])
+        offloader.flush()
+        assert offloader.flows == 1
+        send = (
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+            f" s.bind(('127.0.0.1', {sport}));"
+            f" [s.sendto(b'x' * 72, ('127.0.0.1', {dport})) for _ in range(100)]"
+        )
+        lab.run(lab.acct, ["python3", "-c", send])
+        offloader.refresh()  # a reading begins, and reads what it can at once
+        assert not offloader.reading
+        task = engine.tables.running[4242]
+        assert task.counters[4:6] == [100, 100 * 100], "the element counted the 100 datagrams"
+        offloader.refresh(at_once=0)  # another reading: its first datagram is filled now
+        assert offloader.reading
+        offloader.withdraw([flow])  # the element goes, its last count credited (none new)
+        engine.apply_answers([Answer(flow, facts(4242))])
+        offloader.flush()  # a new element, counting from zero
+        while offloader.reading:
+            offloader.step()
+        assert task.counters[4:6] == [100, 100 * 100], "the old element's count came back from the dump"
+    finally:
+        offloader.sets.close()
