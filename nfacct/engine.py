@@ -23,11 +23,10 @@ from .faults import Faults
 from .packet import ICMP, ICMPV6, TCP, UDP, Malformed, parse
 from .procs import ProcessFacts
 from .resolver import Answer
-from .tables import NO_UID, FlowKey, GcConfig, SockInfo, Tables, TaskInfo, counter_base
+from .tables import NO_UID, SETTLED, FlowKey, GcConfig, SockInfo, Tables, TaskInfo, counter_base
 
 PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 FRAGMENT_MEMORY = 4096  # first fragments remembered, to attribute the fragments that follow
-_SETTLED = (SockInfo.RESOLVED, SockInfo.UNIDENTIFIED)  # no lookup in flight
 
 
 class Engine:
@@ -110,7 +109,7 @@ class Engine:
             si.last_seen = now
             if si.uid == NO_UID:  # the first packets may come before the kernel knows the socket
                 si.uid = uid
-            asked = si.state == SockInfo.ORPHANED or (si.closed and si.state in _SETTLED)
+            asked = si.state == SockInfo.ORPHANED or (si.closed and si.state in SETTLED)
             if asked:
                 # The owner exited, or the kernel freed the socket, yet the flow goes on: its
                 # socket lives on elsewhere, or a new socket took the port. Ask again; until the
@@ -150,7 +149,8 @@ class Engine:
     def take_offloadable(self) -> list[FlowKey]:
         """Flows settled since the last call that the kernel may count from now on: their owner
         is known (or known to be nobody), their socket open, their owner running."""
-        keys, self._offloadable = self._offloadable, []
+        keys, self._offloadable = self._offloadable + self.tables.offload_again, []
+        self.tables.offload_again = []
         socks = self.tables.socks
         out = []
         for key in dict.fromkeys(keys):
@@ -159,7 +159,7 @@ class Engine:
                 si is not None
                 and si.offload is None
                 and not si.closed
-                and si.state in _SETTLED
+                and si.state in SETTLED
                 and (si.task is None or si.task.exit_time is None)
             ):
                 out.append(key)

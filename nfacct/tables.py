@@ -154,6 +154,9 @@ class SockInfo:
         self.state = SockInfo.RECHECK if self.task is not None else SockInfo.PENDING
 
 
+SETTLED = (SockInfo.RESOLVED, SockInfo.UNIDENTIFIED)  # no lookup in flight
+
+
 class Tables:
     def __init__(self, config: GcConfig | None = None) -> None:
         self.config = config or GcConfig()
@@ -172,6 +175,7 @@ class Tables:
         # Offloaded flows whose elements must go (their socket closed, or GC would drop them):
         # the daemon reads their last counts as it removes them (nfacct.offload).
         self.withdraw: set[FlowKey] = set()
+        self.offload_again: list[FlowKey] = []  # settled flows on the queue path, seen by GC
 
     def task(
         self, pid: int, btime: float, comm: str, cmdline: str, uid: int, cgroup: str = ""
@@ -286,6 +290,14 @@ class Tables:
                     continue
                 self.remove_sock(si)
                 self.gc_removed_socks += 1
+            elif (
+                si.offload is None
+                and idle < cfg.cycle
+                and si.state in (SockInfo.RESOLVED, SockInfo.UNIDENTIFIED)
+            ):
+                # Settled, and its packets still come to the queue: the sets were full when it
+                # settled, or it lost its elements to an idle spell it has ended. Offer it again.
+                self.offload_again.append(si.key)
         for key, task in list(self.tasks.items()):
             if task.exit_time is not None and not task.socks and task.saved == task.counters:
                 del self.tasks[key]

@@ -189,6 +189,31 @@ def test_a_full_set_leaves_flows_on_the_queue_and_counts_the_overflow(
     assert d.stop() == 0
 
 
+def test_a_flow_left_on_the_queue_is_offloaded_once_there_is_room(
+    lab, counters, port, procs, daemons, tmp_path, echo
+):
+    """One flow fits: the second stays on the queue path until the first closes, then the next
+    GC cycle offers it again and the kernel counts it; both exact."""
+    d = Daemon(lab.acct, tmp_path, "--max-offloaded", "1", "--gc-cycle", "1")
+    daemons.append(d)
+    first, second = port(), port()
+    for p in (first, second):
+        count_port(counters, "tcp", p)
+    a = client(lab, PEER_V4, echo, first, "--size", "100000", "--rounds", "5", "--pause", "0.1", "--hold")
+    procs.append(a)
+    assert until(lambda: elements_in_kernel(lab, first), 2) == 2
+    b = client(lab, PEER_V4, echo, second, "--size", "100000", "--rounds", "40", "--pause", "0.1", "--hold")
+    procs.append(b)
+    assert until(lambda: d.status()["offload"]["overflow"] >= 1, True)
+    assert elements_in_kernel(lab, second) == 0, "no room: the second flow stays on the queue path"
+    assert report(a)["received"] == 5 * 100000  # the first closes its socket: room
+    assert until(lambda: elements_in_kernel(lab, second), 2) == 2, d.status()["offload"]
+    assert report(b)["received"] == 40 * 100000
+    exact(d, counters, a.pid, "tcp", first)
+    exact(d, counters, b.pid, "tcp", second)
+    assert d.stop() == 0
+
+
 def test_fragments_are_never_offloaded_and_count_exactly(lab, counters, port, procs, daemons, tmp_path):
     """IPv6 datagrams over the veth's MTU reach the input hook in fragments (IPv4 ones are
     reassembled before it). Only the first carries the ports, so none may be counted by an
