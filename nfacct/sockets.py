@@ -88,7 +88,16 @@ def collect(
 
 
 def _dump(netns_name: str | None, protocols: tuple[str, ...]) -> list[SockDetail]:
-    diag = SockDiag(netns_name)
+    try:
+        diag = SockDiag(netns_name)
+    except netns.NetnsError:
+        if os.geteuid() == 0:
+            raise
+        netns.netns_path(netns_name or "")  # a name that is no namespace is said to be none
+        raise SocketsError(
+            f"cannot enter network namespace {netns_name!r} as uid {os.geteuid()}: that needs root"
+            " (CAP_SYS_ADMIN); without --netns, nfacct sockets lists the namespace it runs in"
+        ) from None
     try:
         return [
             d

@@ -285,6 +285,8 @@ def _shown(name: str, value: Value, values: dict[str, Value]) -> bool:
         return values.get("SO_KEEPALIVE") == 1
     if name in MULTICAST:
         return value != 1
+    if name == "SO_LINGER":  # on with 0 seconds (a reset at close) is not off
+        return value is not None
     return value not in (0, 0.0, "", None)
 
 

@@ -8,10 +8,11 @@ SPEC is a JSON list, one object per socket, in order: {"name", "proto": "tcp"|"u
 "bind": [address, port], "set": {C name: value}, "listen": bool, "connect": [address, port],
 "send": bytes to send once connected, "accept": name of a listener of ours to accept one
 connection from, once connected}. Values: an int; seconds for SO_RCVTIMEO/SO_SNDTIMEO; [onoff,
-seconds] for SO_LINGER; a device name for SO_BINDTODEVICE. COMM in the environment (bytes) names
+seconds] for SO_LINGER; a name for SO_BINDTODEVICE and TCP_CONGESTION. COMM in the environment (bytes) names
 the process. One JSON line then reports each socket (name, fd, ports, and `got`: every option
-of REPORTED that applies, as getsockopt reads it here), and the process holds its sockets until
-its stdin closes.
+of REPORTED that applies, as getsockopt reads it here; `also`: IP_TOS or IPV6_TCLASS, and
+TCP_CONGESTION, which nfacct takes from sock_diag), and the process holds its sockets until its
+stdin closes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ REPORTED = {
     "SO_BINDTODEVICE": (SOL, socket.SO_BINDTODEVICE, "any"),
     "SO_MARK": (SOL, socket.SO_MARK, "any"),
 }
-SET_ONLY = {"IP_TOS": (socket.IPPROTO_IP, socket.IP_TOS), "IPV6_TCLASS": (V6, socket.IPV6_TCLASS)}
+SET_ONLY = {
+    "IP_TOS": (socket.IPPROTO_IP, socket.IP_TOS),
+    "IPV6_TCLASS": (V6, socket.IPV6_TCLASS),
+    "TCP_CONGESTION": (TCP, socket.TCP_CONGESTION),
+}
 
 
 def set_option(s: socket.socket, name: str, value) -> None:
@@ -55,7 +60,7 @@ def set_option(s: socket.socket, name: str, value) -> None:
         s.setsockopt(level, option, struct.pack("=qq", sec, round((value - sec) * 1e6)))
     elif name == "SO_LINGER":
         s.setsockopt(level, option, struct.pack("=ii", *value))
-    elif name == "SO_BINDTODEVICE":
+    elif isinstance(value, str):  # SO_BINDTODEVICE, TCP_CONGESTION
         s.setsockopt(level, option, value.encode())
     else:
         s.setsockopt(level, option, value)
@@ -77,12 +82,17 @@ def get_option(s: socket.socket, name: str):
 def report(name: str, s: socket.socket, proto: str) -> dict:
     which = {"any", proto} | ({"ipv6"} if s.family == socket.AF_INET6 else set())
     peer = s.getpeername()[1] if _connected(s) else 0
+    tos = "IP_TOS" if s.family == socket.AF_INET else "IPV6_TCLASS"
+    also = {tos: s.getsockopt(*SET_ONLY[tos])}
+    if proto == "tcp":
+        also["TCP_CONGESTION"] = s.getsockopt(*SET_ONLY["TCP_CONGESTION"], 16).split(b"\0", 1)[0].decode()
     return {
         "name": name,
         "fd": s.fileno(),
         "local_port": s.getsockname()[1],
         "remote_port": peer,
         "got": {n: get_option(s, n) for n, (_l, _o, w) in REPORTED.items() if w in which},
+        "also": also,
     }
 
 
@@ -118,7 +128,10 @@ def main() -> None:
         if "accept" in spec:
             conn, _ = socks[spec["accept"]][0].accept()
             socks[spec["name"] + "-accepted"] = (conn, spec["proto"])
-    print(json.dumps({"pid": os.getpid(), "sockets": [report(n, s, p) for n, (s, p) in socks.items()]}), flush=True)
+    print(
+        json.dumps({"pid": os.getpid(), "sockets": [report(n, s, p) for n, (s, p) in socks.items()]}),
+        flush=True,
+    )
     sys.stdin.read()
 
 
