@@ -267,8 +267,6 @@ def sort_key(r: dict) -> tuple:
 
 
 def _option_text(name: str, value: Value) -> str:
-    if value is None:
-        return "off"
     if name in ("SO_RCVTIMEO", "SO_SNDTIMEO"):
         return f"{round(float(value) * 1000)}ms"
     if name == "SO_LINGER":
@@ -290,25 +288,29 @@ def _shown(name: str, value: Value, values: dict[str, Value]) -> bool:
     return value not in (0, 0.0, "", None)
 
 
-def options_text(r: dict) -> str:
+def options_text(r: dict) -> tuple[str, bool]:
     """The Options column: NAME=value,... in knetstat's order, `*` after a value sock_diag gave
-    in place of getsockopt, `?` for an option always shown whose value is unknown."""
+    in place of getsockopt, `?` for an option always shown whose value is unknown; and whether
+    it has either."""
     values, sources = r["options"], r["option_sources"]
     if not r["inode"]:
-        return ""
+        return "", False
     names = [name for name, *_rest, which in OPTIONS if applies(which, r["proto"], _family(r))]
     names += [name for name in values if name not in names]
     parts = []
+    marked = False
     for name in names:
         if name not in values:
             if name in ALWAYS and r["options_error"] is not None:
                 parts.append(f"{name}=?")
+                marked = True
             continue
         value = values[name]
         if _shown(name, value, values):
             mark = MARK if sources[name] == SOCK_DIAG and name not in SOCK_DIAG_ONLY else ""
             parts.append(f"{name}={_option_text(name, value)}{mark}")
-    return ",".join(parts)
+            marked = marked or bool(mark)
+    return ",".join(parts), marked
 
 
 def _family(r: dict) -> int:
@@ -345,12 +347,12 @@ def table(records: Iterable[dict], counters: bool) -> list[str]:
             c = r["counters"]
             line += f"{_figure(c['out_packets'], c['out_bytes']):>12} "
             line += f"{_figure(c['in_packets'], c['in_bytes']):>12} "
-        opts = options_text(r)
-        if MARK in opts or "=?" in opts:
+        opts, unsure = options_text(r)
+        if unsure:
             marked.add(r["options_error"])
         lines.append((line + opts).rstrip())
     if marked:
-        why = "; ".join(sorted(text.escape(m) for m in marked if m))
+        why = "; ".join(sorted(text.escape(m) for m in marked))
         lines.append(f"{MARK} from sock_diag, ? unknown: getsockopt not possible ({why})")
     return lines
 
