@@ -22,6 +22,7 @@ from .netns import NetnsError
 from .queue import QUEUE_MAXLEN, QueueError
 from .rules import DEFAULT_QUEUE, FLOW_SET_SIZE, OFFLOAD_MARK, Rules, RulesError
 from .scrape import ScrapeError, parse_address
+from .sockets import SocketsError
 from .store import BY_COLUMNS, DEFAULT_DB, Store, StoreError
 from .tables import COUNTER_NAMES, GcConfig
 from .topview import GROUPINGS
@@ -34,6 +35,7 @@ EXPECTED_ERRORS = (
     QueueError,
     RulesError,
     ScrapeError,
+    SocketsError,
     StoreError,
     PermissionError,
 )
@@ -280,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=seconds(DAY), default=2.0, metavar="SECONDS")
     top.add_argument("--by", choices=GROUPINGS, default="process", help="grouping (keys p c u s, g: next)")
 
+    socks = sub.add_parser("sockets", help="every TCP and UDP socket: owner, options, diagnostics, counters")
+    socks.add_argument("--netns", metavar="NS", help="named network namespace (default: the current one)")
+    socks.add_argument(
+        "--pid", type=count(MAX_TASKINFO), metavar="N", help="only the sockets process N holds"
+    )
+    which = socks.add_mutually_exclusive_group()
+    which.add_argument("--tcp", action="store_true", help="TCP sockets only")
+    which.add_argument("--udp", action="store_true", help="UDP sockets only")
+    socks.add_argument("--json", action="store_true", help="one JSON object per line and socket")
+    socks.add_argument(
+        "--control",
+        type=control_path,
+        metavar="PATH",
+        help="the daemon to take counters from (default: the one accounting the namespace, if any)",
+    )
+
     status = sub.add_parser("status", help="engine and kernel queue counters")
     status.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
     status.add_argument("--json", action="store_true")
@@ -408,7 +426,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"rules": cmd_rules, "run": cmd_run, "top": cmd_top, "status": cmd_status, "history": cmd_history}
+def cmd_sockets(args: argparse.Namespace) -> int:
+    from . import sockets, sockview
+
+    protocols = ("tcp",) if args.tcp else ("udp",) if args.udp else ("tcp", "udp")
+    listing = sockets.collect(args.netns, args.pid, protocols, args.control)
+    if args.json:
+        for r in listing.records:
+            print(json.dumps(r))  # ASCII: undecodable bytes of a name as \udcXX (see nfacct.text)
+    else:
+        print("\n".join(sockview.table(listing.records, listing.counters)))
+    if listing.notes:
+        print(f"nfacct: note: {'; '.join(listing.notes)}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "rules": cmd_rules,
+    "run": cmd_run,
+    "top": cmd_top,
+    "status": cmd_status,
+    "history": cmd_history,
+    "sockets": cmd_sockets,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

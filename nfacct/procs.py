@@ -37,13 +37,18 @@ def _pids_newest_first() -> list[int]:
 
 def socket_fds(pid: int) -> list[tuple[str, int]]:
     """(fd, inode) of the sockets process `pid` has open ([] if it is gone or inaccessible)."""
+    try:
+        return _socket_links(pid)
+    except OSError:
+        return []
+
+
+def _socket_links(pid: int) -> list[tuple[str, int]]:
+    """(fd, inode) of the sockets process `pid` has open; OSError if its fd directory cannot be
+    listed (gone, or another user's without CAP_SYS_PTRACE: PermissionError)."""
     fd_dir = f"{PROC}/{pid}/fd"
     found = []
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return found
-    for name in names:
+    for name in os.listdir(fd_dir):
         try:
             target = os.readlink(f"{fd_dir}/{name}")
         except OSError:
@@ -51,6 +56,32 @@ def socket_fds(pid: int) -> list[tuple[str, int]]:
         if target.startswith("socket:["):
             found.append((name, int(target[8:-1])))
     return found
+
+
+def socket_holders(pids: list[int] | None = None) -> tuple[dict[int, list[tuple[int, int]]], int]:
+    """socket inode → [(pid, fd)] of every process in `pids` (None: all) that holds it, and how
+    many of those processes' descriptors we may not read (another user's, without root)."""
+    holders: dict[int, list[tuple[int, int]]] = {}
+    denied = 0
+    for pid in _pids_newest_first() if pids is None else pids:
+        try:
+            links = _socket_links(pid)
+        except PermissionError:
+            denied += 1
+            continue
+        except OSError:  # gone meanwhile
+            continue
+        for fd, inode in links:
+            holders.setdefault(inode, []).append((pid, int(fd)))
+    return holders, denied
+
+
+def process_name(pid: int) -> str | None:
+    """The process's name (comm) as `text.decode` keeps it, or None if it is gone."""
+    try:
+        return text.decode(_read(pid, "comm").rstrip(b"\n"))
+    except OSError:
+        return None
 
 
 def process_uid(pid: int) -> int | None:

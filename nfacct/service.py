@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import atop, control, takeover
+from . import atop, control, sockview, takeover
 from .claim import Claim, ClaimError
 from .coverage import STALLED
 from .engine import Engine
@@ -376,6 +376,9 @@ class Service:
             self.engine.apply_answers(self.resolver.work())
             self._offload("refresh", FRESH)
             return self.status()
+        if cmd == "sockets":  # per-socket counters for `nfacct sockets`, as fresh as `top`'s
+            self.snapshot()
+            return sockview.flows_answer(self.engine.offloaded_flows())
         if cmd == "handover":
             self._handing_over = True
             self._running = False
