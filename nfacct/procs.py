@@ -76,10 +76,16 @@ def socket_holders(pids: list[int] | None = None) -> tuple[dict[int, list[tuple[
     return holders, denied
 
 
+def _comm(pid: int) -> bytes:
+    """The process's name: /proc adds one newline, and the name itself may end with one."""
+    raw = _read(pid, "comm")
+    return raw[:-1] if raw.endswith(b"\n") else raw
+
+
 def process_name(pid: int) -> str | None:
     """The process's name (comm) as `text.decode` keeps it, or None if it is gone."""
     try:
-        return text.decode(_read(pid, "comm").rstrip(b"\n"))
+        return text.decode(_comm(pid))
     except OSError:
         return None
 
@@ -98,7 +104,7 @@ def process_facts(pid: int) -> ProcessFacts | None:
         with p.oneshot():
             btime = p.create_time()
             uid = p.uids().real
-        comm = _read(pid, "comm").rstrip(b"\n")
+        comm = _comm(pid)
         cgroup = read_cgroup(pid)
         cmdline = _read(pid, "cmdline")
     except (psutil.Error, OSError):

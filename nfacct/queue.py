@@ -209,10 +209,12 @@ class Queue:
             failed = e.errno
         if failed:
             self.close()
-            raise QueueError(
-                f"cannot bind NFQUEUE {number}: {os.strerror(failed)}"
-                " (is another nfacct or NFQUEUE consumer bound to it?)"
+            why = (
+                " (binding a queue needs CAP_NET_ADMIN)"
+                if failed == errno.EPERM
+                else " (is another nfacct or NFQUEUE consumer bound to it?)"
             )
+            raise QueueError(f"cannot bind NFQUEUE {number}: {os.strerror(failed)}{why}")
         # UID_GID: the uid of the packet's socket, where it has one; the bucket of traffic whose
         # process was never found (a socket closed before its lookup still has an owner uid).
         flags = NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_UID_GID

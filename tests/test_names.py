@@ -22,7 +22,7 @@ from lab.daemon import Daemon
 from lab.hosts import PEER_V4
 from nfacct import text
 from nfacct.display import print_tasks
-from nfacct.procs import process_facts
+from nfacct.procs import process_facts, process_name
 from nfacct.tables import COUNTER_NAMES
 
 EVIL = b"evil\xff\x1b[2J"  # not UTF-8, and clears the screen of whoever prints it raw
@@ -234,3 +234,20 @@ def test_hostile_names_are_stored_exactly_and_shown_escaped(
     listed = {r["command"] for r in json.loads(nfacct("history", "--db", daemon.db, "--json"))}
     assert text.decode(EVIL) in listed
     assert daemon.stop() == 0, daemon.log.read_text()
+
+
+def test_a_name_that_ends_with_a_newline_keeps_it():
+    """/proc adds one newline after the name; a name may end with its own (found by the metrics
+    work: every trailing newline was stripped)."""
+    code = (
+        "import ctypes, sys; ctypes.CDLL(None).prctl(15, b'nl\\n', 0, 0, 0);"
+        " print('ready', flush=True); sys.stdin.read()"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        assert process_name(p.pid) == "nl\n"
+        assert process_facts(p.pid).comm == "nl\n"
+    finally:
+        p.kill()
+        p.wait()

@@ -495,7 +495,8 @@ def test_without_cap_net_admin_the_daemon_stops_with_one_line(lab, rules, tmp_pa
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     last = r.stderr.splitlines()[-1]
-    assert last.startswith("nfacct: error: cannot bind NFQUEUE 0: Operation not permitted"), r.stderr
+    expected = "cannot bind NFQUEUE 0: Operation not permitted (binding a queue needs CAP_NET_ADMIN)"
+    assert last == f"nfacct: error: {expected}", r.stderr
     assert os.listdir(tmp_path) == []
 
 
