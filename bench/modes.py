@@ -46,10 +46,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's lab and bench
 
 from bench import summary
+from bench.run import memory_mib
 from lab.daemon import Daemon
 from lab.hosts import ACCT_V4, PEER_V4, Counters, Lab, stop_all
 from nfacct import control, text
-from nfacct.offload import FlowSets, elements
+from nfacct.flowsets import FlowSets, elements
 from nfacct.rules import Rules
 from nfacct.tables import COUNTER_NAMES
 
@@ -301,17 +302,6 @@ def run_one(env: Env, workload: str, config: str, seconds: float, directory: Pat
 # ---- 100,000 concurrent flows ------------------------------------------------------------------
 
 
-def memory_mib(pid: int) -> tuple[float, float]:
-    """VmRSS and VmHWM (the peak so far) of a process, in MiB."""
-    mem = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                mem[key] = int(value.split()[0]) / 1024
-    return mem["VmRSS"], mem["VmHWM"]
-
-
 def set_elements(env: Env) -> int:
     """Elements in the flow sets, as `nft -j list set` lists them (not through nfacct)."""
     total = 0
@@ -359,7 +349,8 @@ def many_flows(env: Env, mode: str, count: int, directory: Path) -> dict:
             time.sleep(0.5)
         time.sleep(SETTLE)
         status = setup.settled_status()
-        rss, hwm = memory_mib(setup.pid())
+        mem = memory_mib(setup.pid())
+        rss, hwm = mem["rss_mib"], mem["hwm_mib"]
         engine = status["engine"]
         res["peak"] = {
             "sockinfo": engine["sockinfo"],
@@ -391,7 +382,7 @@ def many_flows(env: Env, mode: str, count: int, directory: Path) -> dict:
             "sockinfo": status["engine"]["sockinfo"],
             "offloaded_flows": status["offload"].get("flows"),
             "elements": set_elements(env),
-            "rss_mib": memory_mib(setup.pid())[0],
+            "rss_mib": memory_mib(setup.pid())["rss_mib"],
             # close events the kernel could not deliver: those flows wait for the idle GC instead
             "destroy_overruns": status["events"]["destroy_overruns"],
         }

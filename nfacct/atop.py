@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import text
+from .control import path_too_long
 from .faults import Faults
 from .files import make_dirs, remove_dirs
 from .tables import COUNTER_NAMES
@@ -45,7 +46,6 @@ from .tables import COUNTER_NAMES
 log = logging.getLogger("nfacct")
 
 DEFAULT_ATOP_SOCKET = "/run/netatop-bpf-socket"  # hard-coded in atop (netatop.h)
-MAX_PATH = 107  # sun_path is 108 bytes with its terminating NUL
 
 # struct netpertask on x86-64: int32 id, 4 bytes padding, unsigned long btime,
 # char command[16], struct taskcount (eight uint64), native byte order.
@@ -74,9 +74,9 @@ class AtopError(Exception):
 
 
 def check_path(path: str) -> str:
-    size = len(os.fsencode(path))
-    if size > MAX_PATH:
-        raise AtopError(f"atop socket path is {size} bytes; a UNIX socket path is at most {MAX_PATH}")
+    problem = path_too_long(path, "atop socket")
+    if problem:
+        raise AtopError(problem)
     return path
 
 

@@ -48,11 +48,19 @@ class BadRequest(ValueError):
     """A request the daemon cannot take; the message is the error answer."""
 
 
-def check_path(path: str) -> str:
-    """A control socket path must fit sockaddr_un; say so instead of failing at bind/connect."""
+def path_too_long(path: str, what: str) -> str | None:
+    """Why `path` cannot name a UNIX socket (it must fit sockaddr_un), or None if it can; said
+    before bind or connect would fail with a less helpful error. `what` names the socket."""
     size = len(os.fsencode(path))
     if size > MAX_PATH:
-        raise ControlError(f"control socket path is {size} bytes; a UNIX socket path is at most {MAX_PATH}")
+        return f"{what} path is {size} bytes; a UNIX socket path is at most {MAX_PATH}"
+    return None
+
+
+def check_path(path: str) -> str:
+    problem = path_too_long(path, "control socket")
+    if problem:
+        raise ControlError(problem)
     return path
 
 
