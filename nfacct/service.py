@@ -373,8 +373,7 @@ class Service:
         if cmd == "top":
             return {"time": time.time(), "tasks": self.snapshot()}
         if cmd == "status":
-            self.engine.apply_answers(self.resolver.work())
-            self._offload("refresh", FRESH)
+            self._settle()
             return self.status()
         if cmd == "sockets":  # per-socket counters for `nfacct sockets`, as fresh as `top`'s
             self.snapshot()
@@ -386,12 +385,16 @@ class Service:
         return {"error": f"unknown command {cmd!r}"}
 
     def snapshot(self) -> list[dict]:
-        """Every task with its counters as of now, with the owners found so far and offloaded
-        flows' readings at most FRESH old (see Offloader.refresh): what `top`, atop clients and
-        systemd's status line show."""
+        """Every task with its counters as of now (`_settle`): what `top`, atop clients, the
+        metrics and systemd's status line show."""
+        self._settle()
+        return self.engine.top()
+
+    def _settle(self) -> None:
+        """Before an answer: the owners found so far applied, offloaded flows' readings at most
+        FRESH old (see Offloader.refresh)."""
         self.engine.apply_answers(self.resolver.work())
         self._offload("refresh", FRESH)
-        return self.engine.top()
 
     @property
     def handed_over(self) -> bool:
