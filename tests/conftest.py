@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -154,6 +157,21 @@ def daemon(lab, rules, tmp_path_factory, request):
     yield d
     assert d.stop() == 0, d.log.read_text()
     assert not os.path.exists(d.control), "the daemon left its control socket behind"
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user may read, for what a test runs as another user: the checkout, and
+    pytest's tmp_path, may be root's alone (a clone into `mktemp -d` is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="nfacct-shared-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+# The system's Python for scripts run as another user: ours may live under /root (pyenv, the
+# checkout's .venv). The scripts it runs use the standard library only.
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture

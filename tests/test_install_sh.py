@@ -321,8 +321,10 @@ def test_bad_input_is_one_line_and_the_status_nfacct_gives(lab, args, status, er
     assert listing(lab.acct) == "", "bad input changes nothing"
 
 
-def test_without_root_it_says_so(lab):
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "dash", str(SCRIPT)]
+def test_without_root_it_says_so(lab, shared_dir):
+    rules = shutil.copytree(SCRIPT.parent, shared_dir / "rules")  # where nobody may read it
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    as_nobody += ["dash", str(rules / SCRIPT.name)]
     got = subprocess.run([*as_nobody, "--netns", lab.acct], capture_output=True, text=True)
     assert (got.returncode, got.stderr) == (
         1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import PROFILE, until
+from conftest import PROFILE, SYSTEM_PYTHON, until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -45,9 +46,15 @@ NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
-def owner(lab, ns: str, spec: list[dict], procs: list, comm: bytes | None = None, user: bool = False) -> dict:
-    """Start tests/socket_owner.py in `ns` (as uid 65534 with `user`); its report."""
+def owner(
+    lab, ns: str, spec: list[dict], procs: list, comm: bytes | None = None, shared: Path | None = None
+) -> dict:
+    """Start tests/socket_owner.py in `ns` (as uid 65534, from a copy in `shared`, if given); its
+    report."""
+    user = shared is not None
     argv = [sys.executable, OWNER, json.dumps(spec)]
+    if user:
+        argv = [SYSTEM_PYTHON, shutil.copy(OWNER, shared), json.dumps(spec)]
     env = {**os.environ, "COMM": os.fsdecode(comm)} if comm else None
     p = subprocess.Popen(
         lab.cmd(ns, [*AS_NOBODY, *argv] if user else argv),
@@ -384,7 +391,7 @@ def as_nobody(work: Callable[[], int], ns: str | None, tmp_path: Path) -> tuple[
 
 
 def test_another_user_sees_its_own_sockets_whole_and_sock_diags_word_on_the_others(
-    lab, port, procs, tmp_path
+    lab, port, procs, tmp_path, shared_dir
 ):
     p = [port(), port(), port()]
     rooted = owner(
@@ -412,7 +419,7 @@ def test_another_user_sees_its_own_sockets_whole_and_sock_diags_word_on_the_othe
         },
         {"name": "u", "proto": "udp", "ip": 4, "bind": ["0.0.0.0", p[2]], "set": {"SO_BROADCAST": 1}},
     ]
-    mine = owner(lab, lab.acct, spec, procs, user=True)
+    mine = owner(lab, lab.acct, spec, procs, shared=shared_dir)
 
     code, out, err = as_nobody(lambda: cli.main(["sockets", "--json"]), lab.acct, tmp_path)
     assert code == 0
