@@ -24,6 +24,7 @@ from lab.daemon import Daemon
 from lab.hosts import ACCT_V4, PEER_V4, Lab, stop_all
 from nfacct.display import print_status, print_tasks
 from nfacct.rules import Rules
+from nfacct.service import FRESH
 
 HTTP, IPERF, ECHO = 8080, 5201, 9000
 
@@ -68,7 +69,9 @@ def main() -> int:
             for p in running:
                 if p.wait(timeout=30) != 0:
                     raise RuntimeError(f"{' '.join(p.args[4:])} failed with status {p.returncode}")
-            time.sleep(0.5)  # their last packets' owners are found
+            # Their last packets' owners are found, and the flow sets read after the last packet:
+            # `top` shows offloaded flows' counters up to FRESH seconds old.
+            time.sleep(FRESH + 0.2)
             print_tasks(daemon.request("top")["tasks"])
             print_status(daemon.request("status"))
             print("ping's packets are the icmp lines: ICMP is counted per protocol, not per process.")
