@@ -150,11 +150,45 @@ class Offloader:
 
     def withdraw(self, flows: list[FlowKey]) -> None:
         """Remove the flows' elements, crediting each with its last count as it goes."""
-        if not flows:
+        if flows:
+            self._withdrawn(flows, *self.sets.remove(self._leaving(flows)))
+
+    def flush(self, ending: list[FlowKey] | None = None) -> None:
+        """In one transaction: withdraw the flows that must go (`ending`, and those the engine
+        asks for), and offload the flows settled since the last flush."""
+        gone = list(dict.fromkeys([*(ending or ()), *self.engine.take_withdrawals()]))
+        ready = self.engine.take_offloadable()
+        room = 0
+        if self.mode == "offload":  # the flows going free their room in the same transaction
+            room = max(0, self.limit - (self.flows - len(gone)))
+            self.overflow += max(0, len(ready) - room)
+        ready = ready[:room]
+        if not gone and not ready:
             return
         if self._began is not None:
+            self._touched.update(ready)
+        last, refused = self.sets.change(self._leaving(gone), [el for flow in ready for el in elements(flow)])
+        offered = set(ready)
+        adding = {el: code for el, code in refused.items() if flow_of(el) in offered}
+        self._withdrawn(gone, last, {el: code for el, code in refused.items() if el not in adding})
+        self._note_refused(adding, "adding")
+        failed = {flow_of(el) for el in adding}
+        if failed:  # a flow goes whole or not at all: take back its other element
+            self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
+        done = [flow for flow in ready if flow not in failed]
+        self.engine.offloaded_now(done)
+        self.flows += len(done)
+        self.added += len(done)
+
+    def _leaving(self, flows: list[FlowKey]) -> list[Element]:
+        if self._began is not None:
             self._touched.update(flows)
-        last, refused = self.sets.remove([el for flow in flows for el in elements(flow)])
+        return [el for flow in flows for el in elements(flow)]
+
+    def _withdrawn(
+        self, flows: list[FlowKey], last: dict[Element, tuple[int, int]], refused: dict[Element, int]
+    ) -> None:
+        """Credit the withdrawn flows with their elements' last counts; note what was refused."""
         self._note_refused(refused, "removing")
         now = time.monotonic()
         for flow in flows:
@@ -164,28 +198,6 @@ class Offloader:
             self.engine.withdrawn(flow)
         self.flows -= len(flows)
         self.removed += len(flows)
-
-    def flush(self) -> None:
-        """Withdraw what must go, then offload the flows settled since the last flush."""
-        self.withdraw(self.engine.take_withdrawals())
-        ready = self.engine.take_offloadable()
-        room = max(0, self.limit - self.flows)
-        if self.mode == "offload":
-            self.overflow += max(0, len(ready) - room)
-        ready = ready[:room]
-        if not ready:
-            return
-        refused = self.sets.add([el for flow in ready for el in elements(flow)])
-        self._note_refused(refused, "adding")
-        failed = {flow_of(el) for el in refused}
-        if failed:  # a flow goes whole or not at all: take back its other element
-            self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
-        done = [flow for flow in ready if flow not in failed]
-        if self._began is not None:
-            self._touched.update(done)
-        self.engine.offloaded_now(done)
-        self.flows += len(done)
-        self.added += len(done)
 
     def _note_refused(self, refused: dict[Element, int], doing: str) -> None:
         for el, code in refused.items():

@@ -93,6 +93,7 @@ class Service:
         self._running = True  # until a signal or a handover says stop, from here on
         self._handing_over = False
         self._held: list[QueuedPacket] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
+        self._exits: list[tuple[int, float]] = []  # (tgid, when) of processes ended this turn (_flush)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self._seen_overruns = 0  # proc connector overruns already answered by a liveness poll
         self._guard_seen = 0  # packets the guard accepted, as of the last checkpoint
@@ -235,14 +236,12 @@ class Service:
             raise ServiceError(f"reading the flow sets failed: {e}") from None
 
     def _offload(self, work: str, max_age: float = 0.0) -> None:
-        """Flush or refresh the flow sets; a failure is counted and logged once, never fatal: the
-        flows stay on the queue path, or their counts come at the next reading."""
+        """Refresh the flow sets' readings, or take the next step of one; a failure is counted
+        and logged once, never fatal: the counts come at the next reading."""
         if self.offloader is None:
             return
         try:
-            if work == "flush":
-                self.offloader.flush()
-            elif work == "step":
+            if work == "step":
                 self.offloader.step()
             else:
                 self.offloader.refresh(max_age)
@@ -250,14 +249,24 @@ class Service:
             self.faults.record(f"flow sets ({work})", e)
 
     def _exited(self, tgids: list[int], now: float) -> None:
-        """Processes ended: their offloaded flows' last counts first (one batch for them all), so
-        what they are written with is whole; then their sockets wait for whoever holds them next."""
+        """Processes ended: settled at the turn's `_flush`, with the turn's other changes."""
+        for tgid in tgids:
+            self.resolver.forget(tgid)
+            self._exits.append((tgid, now))
+
+    def _flush(self) -> None:
+        """The turn's changes to the flow sets, in one transaction: the flows that ended and those
+        of the processes that exited go, crediting their last counts, and the flows attributed
+        since the last flush come in. Then the exits are applied: what an exited process is
+        written with is whole, and its sockets wait for whoever holds them next. A failure is
+        counted and logged once, never fatal: the flows stay on the queue path."""
+        exits, self._exits = self._exits, []
         if self.offloader is not None:
             try:
-                self.offloader.withdraw(self.engine.offloaded_flows_of(tgids))
+                self.offloader.flush(self.engine.offloaded_flows_of([tgid for tgid, _ in exits]))
             except (OffloadError, OSError) as e:
-                self.faults.record("flow sets (withdraw)", e)
-        for tgid in tgids:
+                self.faults.record("flow sets (flush)", e)
+        for tgid, now in exits:
             self.engine.process_exited(tgid, now)
 
     def _drop_queue_quietly(self, number: int) -> None:
@@ -339,13 +348,15 @@ class Service:
                 exits.append(ev.tgid)
             elif ev.kind == "fork":
                 self.resolver.note_new_process(ev.tgid)
-            elif ev.kind == "exec" and self.engine.is_running(ev.tgid):
-                facts = process_facts(ev.tgid)
+            elif ev.kind == "exec":
+                self.resolver.forget(ev.tgid)
+                facts = process_facts(ev.tgid) if self.engine.is_running(ev.tgid) else None
                 if facts is not None:
                     self.engine.process_execed(facts)
         self._exited(exits, now)
         if self.events.overruns > self._seen_overruns:
             self._seen_overruns = self.events.overruns
+            self.resolver.forget()  # an exec may be among the lost events
             self._poll_liveness()  # events were lost: check every task once
 
     def _on_destroy_events(self) -> None:
@@ -481,11 +492,13 @@ class Service:
                 for key, mask in sel.select(timeout=max(0.0, wait)):
                     key.data(mask)
                 # After the batch: find the owners of the flows it brought while they still exist.
+                # Their elements go in before the held first packets leave, so the answers to
+                # those (a SYN-ACK) are counted by the kernel instead of queued again.
                 try:
                     self.engine.apply_answers(self.resolver.work())
+                    self._flush()
                 finally:
                     self._release_held()
-                self._offload("flush")
                 self._offload("step")
                 self.control.work()  # one command per turn: the queue is served between them
                 if self.atop:
@@ -497,7 +510,7 @@ class Service:
             self._drain()
             self.engine.apply_answers(self.resolver.work())
             self._poll_liveness()
-            self._offload("flush")
+            self._flush()
             self._checkpoint()
             if self.control.held:
                 tables = self.engine.export()
@@ -578,7 +591,7 @@ class Service:
                 self.metrics.refresh()  # what the GC drops is in the aggregates first
             self._offload("refresh", FRESH)  # offloaded flows are idle only if their elements say so
             self.engine.gc()
-            self._offload("flush")  # idle offloaded flows: their elements go first, GC drops them next
+            self._flush()  # idle offloaded flows: their elements go first, GC drops them next
 
     def close(self) -> None:
         self._resources.close()
