@@ -388,7 +388,7 @@ class Service:
             return self.status()
         if cmd == "sockets":  # per-socket counters for `nfacct sockets`, as fresh as `top`'s
             self.snapshot()
-            return sockview.flows_answer(self.engine.offloaded_flows())
+            return sockview.flows_answer(self.engine.flow_counts())
         if cmd == "handover":
             self._handing_over = True
             self._running = False
