@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from . import __version__, atop, control, text
+from . import __version__, atop, control, text, units
 from .atop import AtopError
 from .control import ControlError
 from .netns import NetnsError
@@ -407,7 +407,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     while True:
         answer = control.request(args.control, "top")
         if args.json:
-            print(json.dumps(answer["tasks"]), flush=True)
+            tasks = [{**t, "unit": units.unit(t["cgroup"])} for t in answer["tasks"]]
+            print(json.dumps(tasks), flush=True)
         else:
             display.print_tasks(answer["tasks"])
         if args.once:

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nfacct import text
+from nfacct.store import Store
+from nfacct.tables import COUNTER_NAMES
 from nfacct.units import nfacct_unit, shown, unit
 
 D = "3f4a6b0c9d8e7f60123456789abcdef0123456789abcdef0123456789abcdef0"  # a 64-hex container id
@@ -164,3 +166,39 @@ def test_any_path_maps_to_one_of_its_components_or_a_container(parts):
         assert any(c.endswith(found[4:]) for c in components)
     else:
         assert found == "" or found in components
+
+
+def test_history_groups_by_unit_at_query_time(tmp_path):
+    """Rows as the daemon writes them (a cgroup that is not UTF-8 stored as a BLOB); the unit is
+    derived in the query, so rows written before nfacct knew units have one too."""
+    store = Store(str(tmp_path / "n.db"))
+    docker = f"/system.slice/docker-{D}.scope"
+    hostile = text.decode(HOSTILE)
+    rows = [
+        (1, docker, 100),
+        (2, docker + "/init.scope", 50),
+        (3, "/system.slice/nginx.service", 10),
+        (4, hostile, 7),
+        (5, "/", 1),
+        (6, "", 2),
+    ]
+    store.save_exited(
+        [
+            dict.fromkeys(COUNTER_NAMES, 0)
+            | {"pid": pid, "btime": 1.0, "command": "c", "cmdline": "c", "uid": 0, "cgroup": cgroup}
+            | {"exit_time": 2.0, "tcpsndpacks": 1, "tcpsndbytes": sent}
+            for pid, cgroup, sent in rows
+        ]
+    )
+    store.close()
+    reader = Store(str(tmp_path / "n.db"), readonly=True)
+    try:
+        found = [(r["unit"], r["processes"], r["tcpsndbytes"]) for r in reader.history(None, None, "unit")]
+    finally:
+        reader.close()
+    assert found == [
+        (f"docker:{D[:12]}", 2, 150),
+        ("nginx.service", 1, 10),
+        (text.decode(b"\x1b[2J\xff\x07.service"), 1, 7),  # exact, for escaping on output
+        ("", 2, 3),
+    ]
