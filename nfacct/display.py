@@ -43,20 +43,16 @@ def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
     table.add_column("PID", justify="right", no_wrap=True)
     table.add_column("COMMAND", no_wrap=True)
     table.add_column("UID", justify="right", no_wrap=True)
-    table.add_column("UNIT", no_wrap=True, overflow="ellipsis", max_width=UNIT_WIDTH)
     for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
         table.add_column(name, justify="right", no_wrap=True)
-    # 36: with the unit, the table still fits a pipe's 140 columns (rich would otherwise cut every
-    # column evenly, PIDs included)
-    table.add_column("CMDLINE", no_wrap=True, overflow="ellipsis", max_width=36)
+    table.add_column("CMDLINE", no_wrap=True, overflow="ellipsis", max_width=50)
     for t in tasks:
         cells = [
             f"{t[f'{proto}{d}packs']}/{human_bytes(t[f'{proto}{d}bytes'])}"
             for proto in ("tcp", "udp")
             for d in ("snd", "rcv")
         ]
-        unit = safe(units.shown(t["cgroup"]))
-        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), unit, *cells, safe(t["cmdline"]))
+        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *cells, safe(t["cmdline"]))
     console.print(table)
 
 
