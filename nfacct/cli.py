@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--json", action="store_true")
     top.add_argument("--once", action="store_true", help="print once and exit")
     top.add_argument("--interval", type=seconds(DAY), default=2.0, metavar="SECONDS")
-    top.add_argument("--by", choices=GROUPINGS, default="process", help="grouping (keys p c u s n, g: next)")
+    top.add_argument("--by", choices=GROUPINGS, default="process", help="grouping (keys p c u s t, g: next)")
 
     socks = sub.add_parser("sockets", help="every TCP and UDP socket: owner, options, diagnostics, counters")
     socks.add_argument("--netns", metavar="NS", help="named network namespace (default: the current one)")

@@ -226,7 +226,7 @@ def top_screen(
     found = topview.rows(prev, cur, by, user_name)
     limit = None if height is None else height - HEADER_LINES - (problem is not None)
     legend = Text(
-        f"keys g/p/c/u/s/n group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
+        f"keys g/p/c/u/s/t group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
         f" {topview.EXITED_BEFORE} before",
         style="dim",
     )

@@ -22,8 +22,8 @@ from . import units
 from .tables import COUNTER_NAMES
 
 GROUPINGS = ("process", "command", "user", "cgroup", "unit")
-# s: the cgroup (systemd service or slice); n: its unit or container (nfacct.units)
-KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup", "n": "unit"}
+# s: the cgroup (systemd service or slice); t: its unit or container (nfacct.units)
+KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup", "t": "unit"}
 EXITED_NOW = "X"  # exited since the previous poll
 EXITED_BEFORE = "x"  # exited earlier, still in the daemon's table
 SEND = ("tcpsndbytes", "udpsndbytes")

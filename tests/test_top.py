@@ -161,7 +161,7 @@ def test_keys_switch_the_grouping_and_q_quits():
     assert regroup("process", "s") == ("cgroup", False)
     assert regroup("cgroup", "g") == ("unit", False)
     assert regroup("unit", "g") == ("process", False)
-    assert regroup("process", "n") == ("unit", False)
+    assert regroup("process", "t") == ("unit", False)
     assert regroup("process", "\t\t") == ("user", False)
     assert regroup("user", "xq") == ("user", True)
     assert regroup("user", "c") == ("command", False)
