@@ -2,8 +2,9 @@
 
 A poll is a `Snapshot` (the daemon's `top` and `status` answers). `rows` compares two of them:
 each process's bytes since the previous poll, divided by the time between the daemon's two
-answers, is its rate; processes are grouped by process, command, user or cgroup, and sorted by
-current rate. `display.top_screen` lays them out for a terminal.
+answers, is its rate; processes are grouped by process, command, user, cgroup or unit (the
+container or systemd unit of the cgroup: `units`), and sorted by current rate.
+`display.top_screen` lays them out for a terminal.
 
 A process appears in the daemon's table at its first packet and leaves it after its exit, once
 written to the database and its flows are collected (the GC cycle, 15 s by default). One that
@@ -17,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from . import units
 from .tables import COUNTER_NAMES
 
-GROUPINGS = ("process", "command", "user", "cgroup")
-KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup"}  # s: the systemd service or slice
+GROUPINGS = ("process", "command", "user", "cgroup", "unit")
+# s: the cgroup (systemd service or slice); t: its unit or container (nfacct.units)
+KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup", "t": "unit"}
 EXITED_NOW = "X"  # exited since the previous poll
 EXITED_BEFORE = "x"  # exited earlier, still in the daemon's table
 SEND = ("tcpsndbytes", "udpsndbytes")
@@ -44,8 +47,9 @@ class Snapshot:
 class Row:
     """One line of the table: a process, or a group of processes."""
 
-    label: str  # command, user name or cgroup path, as the daemon gave it (escaped when shown)
+    label: str  # command, user name, cgroup path or unit, as the daemon gave it (escaped when shown)
     pid: int | None = None  # the process grouping only
+    unit: str = ""  # the process grouping only: units.shown
     user: str = ""  # the process grouping only
     cmdline: str = ""  # the process grouping only
     processes: int = 0
@@ -73,6 +77,8 @@ def _label(task: dict, by: str, user_name: Callable[[int], str]) -> str:
         return user_name(task["uid"])
     if by == "cgroup":
         return task["cgroup"] or "(unknown cgroup)"
+    if by == "unit":
+        return units.shown(task["cgroup"])
     return task["comm"]
 
 
@@ -96,6 +102,7 @@ def rows(prev: Snapshot | None, cur: Snapshot, by: str, user_name: Callable[[int
             states[gkey] = []
             if by == "process":
                 row.pid, row.user, row.cmdline = task["pid"], user_name(task["uid"]), task["cmdline"]
+                row.unit = units.shown(task["cgroup"])
         row.processes += 1
         row.sent += _bytes(task, SEND)
         row.received += _bytes(task, RECV)

@@ -129,6 +129,25 @@ def facts(pid: int) -> ProcessFacts:
     return ProcessFacts(pid, 1000.0 + pid, f"p{pid}", f"p{pid}", 0, "")
 
 
+def cgroup2() -> tuple[str, str]:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+    hybrid host) and the path its root has in /proc/PID/cgroup; skips the test if there is none."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    found = [(m[4], m[3]) for m in mounts if m[m.index("-") + 1] == "cgroup2"]
+    if not found:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    return found[0]
+
+
+def own_cgroup(pid: int | str = "self") -> str:
+    """The cgroup v2 path of a process, as the daemon reads it."""
+    with open(f"/proc/{pid}/cgroup", "rb") as f:
+        return next(line[3:].rstrip(b"\n") for line in f if line.startswith(b"0::")).decode(
+            "utf-8", "surrogateescape"
+        )
+
+
 @pytest.fixture(scope="module")
 def lab():
     need_root()
