@@ -42,14 +42,21 @@ def need_root() -> None:
         pytest.skip(ROOT_ONLY)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="also run the long soaks (`make soak`)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "root: the test needs root, and is skipped without it")
+    config.addinivalue_line("markers", "soak: a long soak, run only with --soak (`make soak`)")
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
     """Without root, a test marked `root`, or whose fixtures make a Lab (in any test module),
-    is skipped, not failed."""
+    is skipped, not failed. A soak runs only with --soak."""
+    if item.get_closest_marker("soak") and not item.config.getoption("--soak"):
+        pytest.skip("a long soak: `make soak` runs it")
     if item.get_closest_marker("root"):
         need_root()
     try:
