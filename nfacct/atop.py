@@ -37,8 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import text
-from .control import path_too_long
+from . import serving, text
 from .faults import Faults
 from .files import make_dirs, remove_dirs
 from .tables import COUNTER_NAMES
@@ -74,10 +73,7 @@ class AtopError(Exception):
 
 
 def check_path(path: str) -> str:
-    problem = path_too_long(path, "atop socket")
-    if problem:
-        raise AtopError(problem)
-    return path
+    return serving.check_path(path, "atop socket", AtopError)
 
 
 def check_usable(path: str) -> str:
