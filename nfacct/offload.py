@@ -16,7 +16,7 @@ import time
 from .engine import Engine
 from .faults import Faults
 from .flowsets import Element, FlowSets, OffloadError, elements, flow_of
-from .tables import FlowKey
+from .tables import Flow, FlowKey
 
 # A full reading costs about 13 µs per element, 11 of them in the kernel's dump (measured on 6.18:
 # 2.7 s for 100,000 flows, two elements each, under load 4.7 on 2 cores). Readings asked for
@@ -29,7 +29,7 @@ READ_SHARE = 0.1
 STEP = 4
 
 
-def _reading(counts: dict[Element, tuple[int, int]], flow: FlowKey) -> list[int] | None:
+def _reading(counts: dict[Element, tuple[int, int]], flow: Flow) -> list[int] | None:
     out, inn = elements(flow)
     o, i = counts.get(out), counts.get(inn)
     if o is None and i is None:
@@ -37,8 +37,8 @@ def _reading(counts: dict[Element, tuple[int, int]], flow: FlowKey) -> list[int]
     return [*(o or (0, 0)), *(i or (0, 0))]
 
 
-def _flows(counts: dict[Element, tuple[int, int]]) -> dict[FlowKey, list[int]]:
-    flows: dict[FlowKey, list[int]] = {}
+def _flows(counts: dict[Element, tuple[int, int]]) -> dict[Flow, list[int]]:
+    flows: dict[Flow, list[int]] = {}
     for el, (packets, nbytes) in counts.items():
         flow = flow_of(el)
         if flow is None:
@@ -50,13 +50,24 @@ def _flows(counts: dict[Element, tuple[int, int]]) -> dict[FlowKey, list[int]]:
 
 
 class Offloader:
-    """Moves settled flows into the kernel's sets and brings their counts back to the engine.
+    """Moves settled flows of one namespace (`netns`, whose flow sets `sets` are) into the
+    kernel's sets and brings their counts back to the engine. The engine's flow keys say their
+    namespace, the kernel's do not (`key` and `_kernel` translate).
 
     `mode` "queue" adds nothing: it only takes back, with their counts, the elements a previous
     daemon left, so that every packet comes to the queue again.
     """
 
-    def __init__(self, sets: FlowSets, engine: Engine, faults: Faults, limit: int, mode: str = "offload"):
+    def __init__(
+        self,
+        sets: FlowSets,
+        engine: Engine,
+        faults: Faults,
+        limit: int,
+        mode: str = "offload",
+        netns: str | None = None,
+    ):
+        self.netns = netns
         self.sets = sets
         self.engine = engine
         self.faults = faults
@@ -76,6 +87,9 @@ class Offloader:
         # of them may be an element that is gone (crediting it again would count twice).
         self._touched: set[FlowKey] = set()
 
+    def key(self, flow: Flow) -> FlowKey:
+        return (*flow, self.netns)
+
     def start(self, saved: dict[FlowKey, list[int]], first: bool) -> None:
         """Continue from the elements in the kernel: flows we hold (handed over) go on from their
         readings, others are adopted with what the checkpoint `saved` of them (an element
@@ -83,8 +97,8 @@ class Offloader:
         daemon has written this database for the namespace, so nothing the elements counted
         so far is ours (another database holds it, or nobody does)."""
         now = time.monotonic()
-        flows = _flows(self._read_all())
-        held = self.engine.offloaded_flows()
+        flows = {self.key(flow): reading for flow, reading in _flows(self._read_all()).items()}
+        held = {k: r for k, r in self.engine.offloaded_flows().items() if k[5] == self.netns}
         for flow, reading in flows.items():
             if flow not in held:
                 self.engine.adopt(flow, saved.get(flow, reading if first else [0, 0, 0, 0]), now)
@@ -139,9 +153,9 @@ class Offloader:
             raise
         for el, (packets, nbytes) in got:
             flow = flow_of(el)
-            if flow is not None and flow not in self._touched:
+            if flow is not None and self.key(flow) not in self._touched:
                 self.engine.credit_element(
-                    flow, 0 if el.set.startswith("out") else 2, packets, nbytes, started
+                    self.key(flow), 0 if el.set.startswith("out") else 2, packets, nbytes, started
                 )
         self._cost += time.monotonic() - started
         if done:
@@ -154,33 +168,33 @@ class Offloader:
             return
         if self._began is not None:
             self._touched.update(flows)
-        last, refused = self.sets.remove([el for flow in flows for el in elements(flow)])
+        last, refused = self.sets.remove([el for flow in flows for el in elements(flow[:5])])
         self._note_refused(refused, "removing")
         now = time.monotonic()
         for flow in flows:
-            reading = _reading(last, flow)
+            reading = _reading(last, flow[:5])
             if reading is not None:
                 self.engine.credit(flow, reading, now)
             self.engine.withdrawn(flow)
         self.flows -= len(flows)
         self.removed += len(flows)
 
-    def flush(self) -> None:
-        """Withdraw what must go, then offload the flows settled since the last flush."""
-        self.withdraw(self.engine.take_withdrawals())
-        ready = self.engine.take_offloadable()
+    def flush(self, withdrawals: list[FlowKey], ready: list[FlowKey]) -> None:
+        """Withdraw what must go, then offload the flows settled since the last flush (both this
+        namespace's part of the engine's `take_withdrawals` and `take_offloadable`)."""
+        self.withdraw(withdrawals)
         room = max(0, self.limit - self.flows)
         if self.mode == "offload":
             self.overflow += max(0, len(ready) - room)
         ready = ready[:room]
         if not ready:
             return
-        refused = self.sets.add([el for flow in ready for el in elements(flow)])
+        refused = self.sets.add([el for flow in ready for el in elements(flow[:5])])
         self._note_refused(refused, "adding")
         failed = {flow_of(el) for el in refused}
         if failed:  # a flow goes whole or not at all: take back its other element
             self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
-        done = [flow for flow in ready if flow not in failed]
+        done = [flow for flow in ready if flow[:5] not in failed]
         if self._began is not None:
             self._touched.update(done)
         self.engine.offloaded_now(done)
