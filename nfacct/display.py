@@ -41,6 +41,9 @@ def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
     table.add_column("PID", justify="right", no_wrap=True)
     table.add_column("COMMAND", no_wrap=True)
     table.add_column("UID", justify="right", no_wrap=True)
+    named = any(t.get("netns") for t in tasks)  # a daemon of named namespaces says whose each is
+    if named:
+        table.add_column("NETNS", no_wrap=True)
     for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("CMDLINE", no_wrap=True, overflow="ellipsis", max_width=50)
@@ -50,7 +53,8 @@ def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
             for proto in ("tcp", "udp")
             for d in ("snd", "rcv")
         ]
-        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *cells, safe(t["cmdline"]))
+        where = [safe(t.get("netns") or topview.OWN_NETNS)] if named else []
+        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *where, *cells, safe(t["cmdline"]))
     console.print(table)
 
 
@@ -94,6 +98,17 @@ def print_status(status: dict, console: Console | None = None) -> None:
         table.add_row("passed unaccounted", str(cov["unaccounted"]))
     else:
         table.add_row("unaccounted packets", f"unknown: {safe(str(cov.get('rules')))}")
+    spaces = status.get("namespaces", [])
+    if len(spaces) > 1:  # the rows above are the first's queue, offload and coverage; each one's:
+        for ns in spaces:
+            q, off, cov = ns["queue"], ns["offload"], ns["coverage"]
+            flows = f", {off['flows']} flows in the kernel" if "flows" in off else ""
+            lost = cov.get("unaccounted", "unknown")
+            table.add_row(
+                f"netns {safe(ns['name'] or topview.OWN_NETNS)}",
+                f"queue {q.get('number')}: {q.get('received', 0)} pk read, {q.get('missed', '?')} missed;"
+                f" {safe(str(off.get('mode')))}{flows}; unaccounted {lost}",
+            )
     console.print(table)
 
 
@@ -103,6 +118,9 @@ def print_history(
     console = console or default_console()
     table = Table(title=f"nfacct history: exited processes by {by} (packets/bytes)")
     table.add_column(by.upper(), no_wrap=True)
+    named = by != "netns" and any(r.get("netns") for r in rows)  # several namespaces in the database
+    if named:
+        table.add_column("NETNS", no_wrap=True)
     table.add_column("PROCESSES", justify="right")
     for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -112,7 +130,9 @@ def print_history(
             for proto in ("tcp", "udp")
             for d in ("snd", "rcv")
         ]
-        table.add_row(safe(str(r[by])), str(r["processes"]), *cells)
+        where = [safe(r["netns"] or topview.OWN_NETNS)] if named else []
+        group = r[by] if r[by] is not None or by != "netns" else topview.OWN_NETNS
+        table.add_row(safe(str(group)), *where, str(r["processes"]), *cells)
     packets, gaps = unaccounted
     if packets:
         table.caption = f"{packets} packets passed unaccounted in {gaps} gaps (table `unaccounted`)"
@@ -176,7 +196,9 @@ def top_table(found: list[topview.Row], by: str, width: int, limit: int | None =
         wide = False
         name_width = max(8, width - 51)
         t.add_column(
-            {"command": "COMMAND", "user": "USER", "cgroup": "CGROUP"}[by], no_wrap=True, width=name_width
+            {"command": "COMMAND", "user": "USER", "cgroup": "CGROUP", "netns": "NETNS"}[by],
+            no_wrap=True,
+            width=name_width,
         )
         t.add_column("PROCS", justify="right", no_wrap=True, width=5)
     for name, room in (("SEND/s", 9), ("RECV/s", 9), ("SENT", 7), ("RECEIVED", 8)):
@@ -217,7 +239,7 @@ def top_screen(
     found = topview.rows(prev, cur, by, user_name)
     limit = None if height is None else height - HEADER_LINES - (problem is not None)
     legend = Text(
-        f"keys g/p/c/u/s group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
+        f"keys g/p/c/u/s/n group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
         f" {topview.EXITED_BEFORE} before",
         style="dim",
     )

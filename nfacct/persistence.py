@@ -168,7 +168,9 @@ class Persistence:
         for k in forgotten:
             scopes.setdefault(k[5], Offloaded(coverage_key(k[5]), {}, [])).forgotten.append(flow_bytes(k[:5]))
         try:
-            self.store.checkpoint([t.row() for t in changed], self._pending_gaps, state, list(scopes.values()))
+            self.store.checkpoint(
+                [t.row() for t in changed], self._pending_gaps, state, list(scopes.values())
+            )
         except BaseException:  # written next time, with whatever changes meanwhile
             self.engine.credited.update(credited)
             self.engine.forgotten.update(forgotten)

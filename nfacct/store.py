@@ -103,7 +103,7 @@ def _migrate(db: sqlite_utils.Database) -> None:
         )
     if version < 4:  # one daemon, several namespaces: each row says its own
         for table in ("exited_tasks", "live_tasks", "unaccounted"):
-            if "netns" not in db[table].columns_dict:
+            if db[table].exists() and "netns" not in db[table].columns_dict:
                 db[table].add_column("netns", str)
     # Later versions add their steps here, each guarded by `if version < N`.
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -138,7 +138,9 @@ def test_health_is_the_engines_figures():
 def test_keys_switch_the_grouping_and_q_quits():
     assert regroup("process", "u") == ("user", False)
     assert regroup("process", "s") == ("cgroup", False)
-    assert regroup("cgroup", "g") == ("process", False)
+    assert regroup("cgroup", "g") == ("netns", False)
+    assert regroup("netns", "g") == ("process", False)
+    assert regroup("process", "n") == ("netns", False)
     assert regroup("process", "\t\t") == ("user", False)
     assert regroup("user", "xq") == ("user", True)
     assert regroup("user", "c") == ("command", False)

@@ -62,7 +62,11 @@ class Namespace:
         self, argv: list[str], check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            netns.command(argv, self.name, self.path), input=stdin, capture_output=True, text=True, check=False
+            netns.command(argv, self.name, self.path),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if check and proc.returncode != 0:
             raise RulesError(f"{' '.join(argv[:3])} failed: {_reason(proc)}")
