@@ -39,7 +39,7 @@ from .netns import is_pattern
 from .notify import STATUS_PERIOD, Notifier, status_line
 from .persistence import Persistence
 from .procs import SocketIndex, is_alive, process_facts
-from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, VERDICT_BATCH, KernelQueueStats, QueuedPacket
+from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, VERDICT_BATCH, KernelQueueStats, QueuedPacket, QueueError
 from .rules import FLOW_SET_SIZE, Rules, RulesError
 from .store import DEFAULT_DB, Store
 from .tables import HANDOVER_FORMAT, FlowKey, GcConfig
@@ -108,6 +108,8 @@ class Service:
         # A stop asked for while starting (the integrity check or a takeover can take seconds)
         # takes back what the start made, like any failed start; once started, it ends the loop.
         self._signals = {s: signal.signal(s, self._interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+        # A reload asked for while starting is done once the loop runs (the default would end us).
+        self._signals[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
         try:
             self._open()
         except BaseException:
@@ -116,9 +118,8 @@ class Service:
             self._undo.close()
             raise
         self._undo.pop_all()
-        for s in self._signals:
+        for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self.stop)
-        self._signals[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
 
     @staticmethod
     def _interrupted(signum: int, _frame) -> None:
@@ -407,7 +408,7 @@ class Service:
             try:
                 self._add(wanted)
                 added.append(wanted)
-            except (ServiceError, ClaimError, netns.NetnsError, OSError) as e:
+            except (ServiceError, ClaimError, netns.NetnsError, QueueError, RulesError, OSError) as e:
                 refused[wanted] = str(e)
                 self.faults.record(f"adding {label(wanted)}", e)
         if added:
