@@ -571,8 +571,10 @@ class Service:
                 busy = any(ns.offloader is not None and ns.offloader.reading for ns in self.spaces.values())
                 if self.control.busy or busy or self._reload_asked:
                     wait = 0.0
+                registered = sel.get_map()
                 for key, mask in sel.select(timeout=max(0.0, wait)):
-                    key.data(mask)
+                    if registered.get(key.fd) is key:  # not a namespace dropped earlier in this batch
+                        key.data(mask)
                 # After the batch: find the owners of the flows it brought while they still exist.
                 try:
                     self._apply_answers()

@@ -237,3 +237,23 @@ def test_a_namespace_that_does_not_exist_is_one_line_and_status_2(tmp_path):
                 " (no /run/netns/nfacct-no-such-ns; see `ip netns list`)\n"
             )
             assert os.listdir(tmp_path) == [], "nothing left behind"
+
+
+def test_a_takeover_takes_every_namespace_over(tmp_path, daemons, procs, port):
+    """The successor moves each namespace's queue to the other of the pair, then takes the tables
+    once: processes of both namespaces go on with exact counts."""
+    tcp, udp, sport = port(), port(), port()
+    with accounted("nfmt") as (a, count_a), accounted("nfmu") as (b, count_b):
+        first = Daemon(a.acct, tmp_path, "--netns", b.acct)
+        daemons.append(first)
+        in_a = talk(a, count_a, procs, tcp, udp, sport)
+        assert_exact(first, count_a, in_a, a.acct)
+        successor = Daemon(a.acct, tmp_path, "--netns", b.acct, "--takeover", db=first.db)
+        daemons.append(successor)
+        assert first.proc.wait(timeout=10) == 3
+        queues = {ns["name"]: ns["queue"]["number"] for ns in successor.status()["namespaces"]}
+        assert queues == {a.acct: 1, b.acct: 1}
+        in_b = talk(b, count_b, procs, tcp, udp, sport)
+        assert_exact(successor, count_a, in_a, a.acct)
+        assert_exact(successor, count_b, in_b, b.acct)
+        assert successor.stop() == 0, successor.log.read_text()
