@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from . import netns
 from .claim import Claim
@@ -144,7 +144,7 @@ class Namespace:
 
     def waiting(self) -> int:
         """Packets queued for us or a predecessor and not yet read."""
-        ours = takeover_pair(self.queue.number if self.queue is not None else 0)
+        ours = takeover_pair(self.queue.number)
         return sum(s.waiting for n, s in self.queue.all_kernel_stats().items() if n in ours)
 
     # ---- flow offload ---------------------------------------------------------------------------
@@ -170,19 +170,21 @@ class Namespace:
         self.offloader = Offloader(sets, self.engine, self.faults, limit, mode, self.name)
         self.offloader.start(persistence.offloaded(self.name), self.ledger.first_here)
 
-    def offload(self, work: str, max_age: float = 0.0, flows: tuple[list, list] = ([], [])) -> None:
-        """Flush (`flows`: what to withdraw and to add), step or refresh the flow sets; a failure
-        is counted and logged once, never fatal: the flows stay on the queue path, or their
-        counts come at the next reading."""
+    def offload(
+        self, work: str, max_age: float = 0.0, withdraw: Sequence[FlowKey] = (), ready: Sequence[FlowKey] = ()
+    ) -> None:
+        """Flush (`withdraw` these flows' elements, add `ready`'s), withdraw, step or refresh the
+        flow sets; a failure is counted and logged once, never fatal: the flows stay on the
+        queue path, or their counts come at the next reading."""
         if self.offloader is None:
             return
         try:
             if work == "flush":
-                self.offloader.flush(*flows)
+                self.offloader.flush(list(withdraw), list(ready))
+            elif work == "withdraw":
+                self.offloader.withdraw(list(withdraw))
             elif work == "step":
                 self.offloader.step()
-            elif work == "withdraw":
-                self.offloader.withdraw(flows[0])
             else:
                 self.offloader.refresh(max_age)
         except (OffloadError, OSError) as e:
@@ -190,7 +192,7 @@ class Namespace:
 
     def withdraw_all(self) -> None:
         """Every offloaded flow out of the kernel, each credited with its last count."""
-        self.offload("withdraw", flows=([k for k in self.engine.offloaded_flows() if k[5] == self.name], []))
+        self.offload("withdraw", withdraw=[k for k in self.engine.offloaded_flows() if self.owns(k)])
 
     # ---- events ---------------------------------------------------------------------------------
 

@@ -266,9 +266,8 @@ class Service:
         withdrawals, ready = self.engine.take_withdrawals(), self.engine.take_offloadable()
         for ns in self.spaces.values():
             if ns.offloader is not None:
-                ns.offload(
-                    "flush", flows=([k for k in withdrawals if ns.owns(k)], [k for k in ready if ns.owns(k)])
-                )
+                mine = [k for k in withdrawals if ns.owns(k)], [k for k in ready if ns.owns(k)]
+                ns.offload("flush", withdraw=mine[0], ready=mine[1])
 
     def _exited(self, tgids: list[int], now: float) -> None:
         """Processes ended: their offloaded flows' last counts first (one batch per namespace),
@@ -277,7 +276,7 @@ class Service:
         for ns in self.spaces.values():
             mine = [k for k in offloaded if ns.owns(k)]
             if mine:
-                ns.offload("withdraw", flows=(mine, []))
+                ns.offload("withdraw", withdraw=mine)
         for tgid in tgids:
             self.engine.process_exited(tgid, now)
 
@@ -366,8 +365,10 @@ class Service:
         if self.spaces.get(ns.name) is not ns:
             return  # already dropped (its queue failed in the same turn)
         flows = sum(1 for k in self.engine.tables.socks if k[5] == ns.name)
-        with contextlib.suppress(OSError):  # a failed queue has nothing more to give
+        try:
             ns.queue.dispatch()
+        except OSError as e:  # a failed queue has nothing more to give: what it held passes unseen
+            self.faults.record("draining a dropped namespace's queue", e)
         self._release_held()
         self._sel.unregister(ns.queue.fileno())
         if ns.destroy:
@@ -555,8 +556,9 @@ class Service:
             due["watchdog"] = now
         if self.notify.enabled:
             due["notify"] = now + STATUS_PERIOD
-        where = "accounting " + ", ".join(
-            f"queue {ns.queue.number} in netns {ns.name or '(own)'}" for ns in self.spaces.values()
+        where = "accounting " + (
+            ", ".join(f"queue {ns.queue.number} in netns {ns.name or '(own)'}" for ns in self.spaces.values())
+            or "no namespace yet (a pattern matched none; a reload adds those that come)"
         )
         log.info("%s", where)
         self.notify.ready(where)  # the queues are bound and the control socket listens
