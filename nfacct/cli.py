@@ -416,8 +416,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))  # ASCII: undecodable bytes as \udcXX (see nfacct.text)
     elif args.csv:
-        # The namespaces column only when the database has named ones: one namespace's CSV is as it was.
-        named = args.by != "netns" and any(r["netns"] for r in rows)
+        named = args.by != "netns" and display.several_namespaces(rows)
         write_csv(rows, [args.by, "processes", *COUNTER_NAMES, *(["netns"] if named else [])])
     else:
         display.print_history(rows, args.by, unaccounted)

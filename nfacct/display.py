@@ -35,13 +35,19 @@ def default_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=140)
 
 
+def several_namespaces(rows: list[dict]) -> bool:
+    """Rows of more than one namespace: tables show a NETNS column (one namespace's look as
+    they always did)."""
+    return len({r.get("netns") for r in rows}) > 1
+
+
 def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
     console = console or default_console()
     table = Table(title="nfacct: per-process traffic (packets/bytes)")
     table.add_column("PID", justify="right", no_wrap=True)
     table.add_column("COMMAND", no_wrap=True)
     table.add_column("UID", justify="right", no_wrap=True)
-    named = any(t.get("netns") for t in tasks)  # a daemon of named namespaces says whose each is
+    named = several_namespaces(tasks)
     if named:
         table.add_column("NETNS", no_wrap=True)
     for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
@@ -118,7 +124,7 @@ def print_history(
     console = console or default_console()
     table = Table(title=f"nfacct history: exited processes by {by} (packets/bytes)")
     table.add_column(by.upper(), no_wrap=True)
-    named = by != "netns" and any(r.get("netns") for r in rows)  # several namespaces in the database
+    named = by != "netns" and several_namespaces(rows)
     if named:
         table.add_column("NETNS", no_wrap=True)
     table.add_column("PROCESSES", justify="right")
