@@ -99,7 +99,8 @@ class Service:
         self.faults = Faults()
         self.atop: atop.Server | None = None
         self.spaces: dict[str | None, Namespace] = {}  # the accounted namespaces, by name
-        self._named = [n for n in config.netns if not is_pattern(n)]  # `reload NAME` adds to these
+        # Each name once (given twice, it would be claimed twice); `reload NAME` adds to these.
+        self._named = list(dict.fromkeys(n for n in config.netns if not is_pattern(n)))
         self._resources = contextlib.ExitStack()  # closed in reverse order by close()
         self._undo = contextlib.ExitStack()  # what only a failed start takes back
         self._sel = selectors.DefaultSelector()
