@@ -37,8 +37,9 @@ def default_console() -> Console:
 
 def several_namespaces(rows: list[dict]) -> bool:
     """Rows of more than one namespace: tables show a NETNS column (one namespace's look as
-    they always did)."""
-    return len({r.get("netns") for r in rows}) > 1
+    they always did). A history group may name several, comma-separated (`Store.history`)."""
+    names = {n for r in rows for n in (r.get("netns") or "").split(",")}
+    return len(names) > 1
 
 
 def print_tasks(tasks: list[dict], console: Console | None = None) -> None:

@@ -10,6 +10,7 @@ from conftest import facts
 from scapy.layers.inet import IP, UDP
 
 from nfacct import netns
+from nfacct.display import several_namespaces
 from nfacct.engine import Engine
 from nfacct.resolver import Answer
 from nfacct.store import SCHEMA_VERSION, Store
@@ -105,3 +106,10 @@ def test_top_groups_by_namespace():
     ]
     found = rows(None, Snapshot(0.0, tasks, {}), "netns")
     assert sorted((r.label, r.processes) for r in found) == [("(own)", 1), ("a", 2)]
+
+
+def test_tables_show_a_netns_column_only_for_rows_of_several_namespaces():
+    assert not several_namespaces([{"netns": "a"}, {"netns": "a"}])
+    assert not several_namespaces([{"netns": None}, {}])
+    assert several_namespaces([{"netns": "a,b"}])  # a history group of two namespaces
+    assert several_namespaces([{"netns": None}, {"netns": "a"}])
