@@ -221,6 +221,16 @@ def test_a_namespace_added_later_is_accounted_after_sighup_or_reload(tmp_path, d
                 assert_exact(d, count_r, talk(r, count_r, procs, tcp, udp, sport), r.acct)
                 missing = nfacct("reload", "--netns", r.acct + "-none", "--control", d.control)
                 assert missing.returncode == 1 and "does not exist" in missing.stderr
+                with accounted("nfmz") as (z, _count_z):
+                    other = Daemon(z.acct, tmp_path / "other")
+                    daemons.append(other)
+                    taken = nfacct("reload", "--netns", z.acct, "--control", d.control)
+                    assert taken.returncode == 1 and taken.stderr.count("\n") == 1
+                    assert taken.stderr.startswith(
+                        f"nfacct: error: cannot account {z.acct}: network namespace '{z.acct}' is already"
+                        f" accounted by nfacct pid {other.proc.pid}"
+                    ), taken.stderr
+                    assert other.stop() == 0
                 stop_all(procs)
                 procs.clear()
         assert d.stop() == 0, d.log.read_text()
