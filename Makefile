@@ -11,7 +11,7 @@ APT_PACKAGES := nftables iptables libnetfilter-queue-dev libnfnetlink-dev iprout
                 shellcheck
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test soak lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check nfacct tests bench lab
 	$(VENV)/bin/pytest -v tests
+
+# Long soaks (tests marked `soak`), minutes each: kept out of `make test`.
+soak: setup
+	$(VENV)/bin/pytest -v --soak -m soak tests
 
 lint: setup
 	$(VENV)/bin/ruff check nfacct tests bench lab

@@ -6,21 +6,21 @@ sample sends one 96-byte request (uninitialised memory) and reads 96-byte record
 has id 0. A record: the tgid, its start time, its name, and the eight cumulative counters.
 
 atop reads each record with one `recv(fd, rec, 96, 0)` and takes any positive return as a
-whole record, so a record must never reach it in pieces. `Server` writes a reply in pieces
-of at most CHUNK bytes, a whole number of records each; on a non-blocking AF_UNIX stream
-socket one send() of at most 32 KiB is one skb, queued whole or refused with EAGAIN
-(unix_stream_sendmsg), so the reader only ever finds whole records queued, however slowly it
-reads and however large the reply.
+whole record, so a record must never reach it in pieces. A reply is written in pieces of at
+most CHUNK bytes, a whole number of records each (`serving.Terms.chunk`); on a non-blocking
+AF_UNIX stream socket one send() of at most 32 KiB is one skb, queued whole or refused with
+EAGAIN (unix_stream_sendmsg), so the reader only ever finds whole records queued, however
+slowly it reads and however large the reply.
 
 What each client is served is `Feed`'s business (no I/O): cumulative counters that never go
 down, and every exited process in at least two consecutive replies after nfacct saw it exit,
 to every client, so atop finds it in the sample where it reports the exit.
 
-The daemon's one loop also gives every packet its verdict, so nothing here blocks: sockets
-are read and written when the selector says so, a client that stops mid-request or stops
-reading its reply is dropped at a deadline, and at most MAX_CLIENTS are connected (more are
-accepted and closed at once: atop waits for an answer without a timeout, so a connection
-left waiting in the backlog would freeze it).
+`Server` is this protocol on `serving.Server`, which never blocks: sockets are read and
+written when the selector says so, a client that stops mid-request or stops reading its reply
+is dropped at a deadline, and at most MAX_CLIENTS are connected (more are accepted and closed
+at once: atop waits for an answer without a timeout, so a connection left waiting in the
+backlog would freeze it).
 """
 
 from __future__ import annotations
@@ -32,15 +32,12 @@ import selectors
 import socket
 import stat
 import struct
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import text
-from .control import path_too_long
+from . import serving, text
 from .faults import Faults
-from .files import make_dirs, remove_dirs
 from .tables import COUNTER_NAMES
 
 log = logging.getLogger("nfacct")
@@ -74,10 +71,7 @@ class AtopError(Exception):
 
 
 def check_path(path: str) -> str:
-    problem = path_too_long(path, "atop socket")
-    if problem:
-        raise AtopError(problem)
-    return path
+    return serving.check_path(path, "atop socket", AtopError)
 
 
 def check_usable(path: str) -> str:
@@ -194,39 +188,33 @@ class Feed:
         return len(self._exited)
 
 
-class _Client:
-    __slots__ = ("deadline", "inbuf", "out", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.inbuf = b""
-        self.out: memoryview | None = None  # the reply still to send
-        self.deadline: float | None = None  # None while idle between samples: atop's interval is its own
-
-
-class Server:
-    """The atop socket and its clients, driven by the daemon's selector and loop (`work`)."""
+class Server(serving.Server):
+    """atop's protocol on the shared server: a reply of records per request, on kept connections;
+    `work` each loop turn, `before_gc` before each GC."""
 
     def __init__(self, path: str, snapshot: Snapshot, selector: selectors.BaseSelector, faults: Faults):
         self.path = check_path(path)
         self.snapshot = snapshot
-        self.faults = faults
         self.feed = Feed()
-        self._sel = selector
-        self._clients: dict[int, _Client] = {}
-        self._ready: list[_Client] = []  # whole requests waiting for this turn's snapshot
-        self.replies = 0
-        self.refused = 0  # connections beyond MAX_CLIENTS, closed at once
-        self.dropped = 0  # clients cut off at a deadline
-        self.split_sends = 0  # sends the kernel cut inside a record (never seen; atop would misread)
-        self._listener, self.created_dirs, self._inode = listen(path)
-        selector.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        self._ready: list[serving.Client] = []  # whole requests waiting for this turn's snapshot
+        listener, self.created_dirs, self._inode = listen(path)
+        terms = serving.Terms(
+            kind="atop",
+            max_clients=MAX_CLIENTS,
+            when_full=serving.WhenFull.REFUSE,  # atop sees the close, skips the sample, reconnects
+            max_request=REQUEST_SIZE,  # its content means nothing: atop sends uninitialised memory
+            terminator=None,
+            request_timeout=REQUEST_TIMEOUT,
+            answer_timeout=REPLY_TIMEOUT,
+            keep=True,  # atop's interval is its own: no deadline between samples
+            unit=RECORD.size,
+            chunk=CHUNK,
+            sndbuf=SNDBUF,
+        )
+        super().__init__(listener, selector, faults, terms)
 
     def close(self) -> None:
-        for client in list(self._clients.values()):
-            self._drop(client)
-        self._sel.unregister(self._listener)
-        self._listener.close()
+        super().close()
         with contextlib.suppress(OSError):
             if os.lstat(self.path).st_ino == self._inode:  # still ours, not a successor's
                 os.unlink(self.path)
@@ -235,7 +223,7 @@ class Server:
         return {
             "path": self.path,
             "clients": len(self._clients),
-            "replies": self.replies,
+            "replies": self.answered,
             "snapshots": self.feed.seq,
             "exits_retained": self.feed.retained,
             "exits_forgotten": self.feed.forgotten,
@@ -244,11 +232,18 @@ class Server:
             "split_sends": self.split_sends,
         }
 
+    def on_request(self, client: serving.Client, request: bytes) -> None:
+        self._ready.append(client)
+
+    def on_drop(self, client: serving.Client) -> None:
+        with contextlib.suppress(ValueError):
+            self._ready.remove(client)
+        self.feed.forget(client.sock.fileno())
+
     # ---- the loop's turn and the GC's ----------------------------------------------------------
 
     def work(self, now: float | None = None) -> None:
         """Answer every whole request with one snapshot; drop clients past their deadline."""
-        now = time.monotonic() if now is None else now
         if self._ready:
             ready, self._ready = self._ready, []
             observed = self._observe()
@@ -259,13 +254,10 @@ class Server:
                     self.faults.record("atop reply", e)
                     reply = None
                 if reply is None:
-                    self._drop(client)  # atop skips the sample and reconnects at the next
+                    self.drop(client)  # atop skips the sample and reconnects at the next
                 else:
-                    self._send(client, reply, now)
-        for client in list(self._clients.values()):
-            if client.deadline is not None and now > client.deadline:
-                self.dropped += 1
-                self._drop(client)
+                    self.send(client, reply)
+        super().work(now)
 
     def before_gc(self) -> None:
         """Observe the exited tasks the engine's GC may drop, so they stay owed to clients."""
@@ -280,110 +272,16 @@ class Server:
             return False
         return True
 
-    # ---- selector callbacks ----------------------------------------------------------------------
-
-    def _on_accept(self, _mask: int) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:  # EMFILE and friends: try again next turn, say so once
-                self.faults.record("atop accept", e)
-                return
-            if len(self._clients) >= MAX_CLIENTS:
-                self.refused += 1  # atop sees the close, skips this sample and reconnects at the next
-                sock.close()
-                continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-            client = _Client(sock)
-            self._clients[sock.fileno()] = client
-            self._sel.register(sock, selectors.EVENT_READ, lambda _m, c=client: self._on_readable(c))
-
-    def _on_readable(self, client: _Client) -> None:
-        try:
-            chunk = client.sock.recv(REQUEST_SIZE - len(client.inbuf))
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(client)
-            return
-        if not chunk:
-            self._drop(client)  # atop exited, or gave up on a sample
-            return
-        if not client.inbuf:
-            client.deadline = time.monotonic() + REQUEST_TIMEOUT
-        client.inbuf += chunk
-        if len(client.inbuf) == REQUEST_SIZE:
-            # Whole: its content means nothing (atop sends uninitialised memory). Read no
-            # further until it is answered; a pipelined request waits in the kernel's buffer.
-            client.inbuf = b""
-            self._sel.unregister(client.sock)
-            self._ready.append(client)
-
-    def _send(self, client: _Client, reply: bytes, now: float) -> None:
-        client.out = memoryview(reply)
-        client.deadline = now + REPLY_TIMEOUT
-        self._sel.register(client.sock, selectors.EVENT_WRITE, lambda _m, c=client: self._on_writable(c))
-        self._on_writable(client)  # most replies fit the socket buffer: no need to wait a turn
-
-    def _on_writable(self, client: _Client) -> None:
-        while client.out:
-            try:
-                sent = client.sock.send(client.out[:CHUNK])
-            except BlockingIOError:
-                return
-            except OSError:
-                self._drop(client)
-                return
-            if sent % RECORD.size:
-                self.split_sends += 1
-            client.out = client.out[sent:]
-        client.out, client.deadline = None, None
-        self.replies += 1
-        self._sel.modify(client.sock, selectors.EVENT_READ, lambda _m, c=client: self._on_readable(c))
-
-    def _drop(self, client: _Client) -> None:
-        fd = client.sock.fileno()
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(client.sock)
-        with contextlib.suppress(ValueError):
-            self._ready.remove(client)
-        self._clients.pop(fd, None)
-        self.feed.forget(fd)
-        client.sock.close()
-
 
 def listen(path: str) -> tuple[socket.socket, list[str], int]:
     """A listening socket at `path` (mode 0600), the directories made for it, and its inode.
 
     A socket file already there is taken over only if nothing answers on it (left behind by a
     server that died); a live server there (netatop-bpf, or another nfacct) is an error.
+    Connecting needs write permission, so only root (atop runs as root, or set-uid root and
+    regains it before connecting) can read every process's traffic.
     """
-    directory = os.path.dirname(path) or "."
-    try:
-        created = make_dirs(directory, 0o755)
-    except OSError as e:
-        raise AtopError(f"cannot create the directory {directory} for {path}: {e.strerror}") from None
-    try:
-        _clear_stale(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # 0600: connecting needs write permission, so only root (atop runs as root, or set-uid
-        # root and regains it before connecting) can read every process's traffic.
-        old = os.umask(0o177)
-        try:
-            s.bind(path)
-        except OSError as e:
-            s.close()
-            raise AtopError(f"cannot create the atop socket {path}: {e.strerror}") from None
-        finally:
-            os.umask(old)
-    except AtopError:
-        remove_dirs(created)
-        raise
-    s.listen(MAX_CLIENTS)
-    s.setblocking(False)
+    s, created = serving.listen_unix(path, "atop socket", MAX_CLIENTS, _clear_stale, AtopError)
     return s, created, os.lstat(path).st_ino
 
 

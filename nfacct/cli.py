@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from . import __version__, atop, control, text
+from . import __version__, atop, control, text, units
 from .atop import AtopError
 from .control import ControlError
 from .netns import NetnsError, NoSuchNetns
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--json", action="store_true")
     top.add_argument("--once", action="store_true", help="print once and exit")
     top.add_argument("--interval", type=seconds(DAY), default=2.0, metavar="SECONDS")
-    top.add_argument("--by", choices=GROUPINGS, default="process", help="grouping (keys p c u s, g: next)")
+    top.add_argument("--by", choices=GROUPINGS, default="process", help="grouping (keys p c u s t, g: next)")
 
     socks = sub.add_parser("sockets", help="every TCP and UDP socket: owner, options, diagnostics, counters")
     socks.add_argument("--netns", metavar="NS", help="named network namespace (default: the current one)")
@@ -447,7 +447,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     while True:
         answer = control.request(args.control, "top")
         if args.json:
-            print(json.dumps(answer["tasks"]), flush=True)
+            tasks = [{**t, "unit": units.unit(t["cgroup"])} for t in answer["tasks"]]
+            print(json.dumps(tasks), flush=True)
         else:
             display.print_tasks(answer["tasks"])
         if args.once:

@@ -3,20 +3,18 @@
 A UNIX stream socket, root-only (mode 0600), so `nfacct top` and `nfacct status` can ask a
 running daemon for live figures.
 
-The daemon's one loop also gives every queued packet its verdict, so no client may hold it:
-`Server` never blocks. Connections are read and written only when the selector says they are
-ready; a client that sends nothing, sends slowly or never reads its answer is dropped at its
-deadline, and a request longer than MAX_REQUEST or nested deeper than MAX_DEPTH gets an error
-answer. One command is computed per loop turn (its answer shared by every client waiting for
-the same command), so 500 concurrent `status` requests cost a handful of snapshots, with the
-queue served between them. Clients beyond MAX_CLIENTS wait in the listen backlog for their turn.
+`Server` is this protocol on `serving.Server`, which never blocks and drops a client that sends
+nothing, sends slowly or never reads its answer at its deadline. A request longer than MAX_REQUEST
+or nested deeper than MAX_DEPTH gets an error answer. One command is computed per loop turn (its
+answer shared by every client waiting for the same command), so 500 concurrent `status` requests
+cost a handful of snapshots, with the queue served between them. Clients beyond MAX_CLIENTS wait
+in the listen backlog for their turn.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import selectors
 import socket
@@ -24,13 +22,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from . import serving
 from .faults import Faults
-from .files import make_dirs, remove_dirs
-
-log = logging.getLogger("nfacct")
 
 DEFAULT_CONTROL = "/run/nfacct/control.sock"
-MAX_PATH = 107  # sun_path is 108 bytes with its terminating NUL
 MAX_REQUEST = 4096  # bytes up to the newline; the longest real request is ~20
 MAX_DEPTH = 8  # JSON nesting: `[` * 4000 overflowed the parser's recursion limit
 MAX_CLIENTS = 64  # open connections; more wait in the backlog
@@ -48,20 +43,8 @@ class BadRequest(ValueError):
     """A request the daemon cannot take; the message is the error answer."""
 
 
-def path_too_long(path: str, what: str) -> str | None:
-    """Why `path` cannot name a UNIX socket (it must fit sockaddr_un), or None if it can; said
-    before bind or connect would fail with a less helpful error. `what` names the socket."""
-    size = len(os.fsencode(path))
-    if size > MAX_PATH:
-        return f"{what} path is {size} bytes; a UNIX socket path is at most {MAX_PATH}"
-    return None
-
-
 def check_path(path: str) -> str:
-    problem = path_too_long(path, "control socket")
-    if problem:
-        raise ControlError(problem)
-    return path
+    return serving.check_path(path, "control socket", ControlError)
 
 
 def json_depth(data: bytes) -> int:
@@ -156,44 +139,27 @@ LATER = object()  # a handler's answer meaning "the caller will answer this conn
 Handler = Callable[[str], "dict | object"]
 
 
-class _Client:
-    __slots__ = ("cmd", "deadline", "inbuf", "out", "sock")
-
-    def __init__(self, sock: socket.socket, now: float):
-        self.sock = sock
-        self.inbuf = b""
-        self.out: memoryview | None = None
-        self.cmd: str | None = None
-        self.deadline = now + REQUEST_TIMEOUT
-
-
-class Server:
-    """The listening socket and its clients, driven by the daemon's selector."""
+class Server(serving.Server):
+    """The control socket's protocol on the shared server: a command per request line."""
 
     def __init__(self, path: str, handler: Handler, selector: selectors.BaseSelector, faults: Faults):
         self.path = path
         self.handler = handler
-        self.faults = faults
-        self._sel = selector
-        self._clients: dict[int, _Client] = {}
-        self._ready: deque[_Client] = deque()  # complete requests waiting for their turn
+        self._ready: deque[tuple[serving.Client, str]] = deque()  # commands waiting for their turn
         self.held: list[socket.socket] = []  # connections a handler answered LATER
-        self.answered = 0
-        self.dropped = 0  # clients cut off at their deadline
-        self.refused = 0  # bad requests
-        self._listener, self.created_dirs = listen(path)
-        self._accepting = False
-        self._accept_more()
+        listener, self.created_dirs = listen(path)
+        # Beyond MAX_CLIENTS, newcomers wait in the backlog; a request is a line.
+        when_full = serving.WhenFull.WAIT
+        terms = serving.Terms(
+            "control", MAX_CLIENTS, when_full, MAX_REQUEST, b"\n", REQUEST_TIMEOUT, ANSWER_TIMEOUT
+        )
+        super().__init__(listener, selector, faults, terms)
 
     def close(self) -> None:
-        for client in list(self._clients.values()):
-            self._drop(client)
+        super().close()
         for conn in self.held:
             conn.close()
         self.held = []
-        if self._accepting:
-            self._sel.unregister(self._listener)
-        self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -210,78 +176,25 @@ class Server:
             "bad_requests": self.refused,
         }
 
-    # ---- selector callbacks ------------------------------------------------------------------
-
-    def _accept_more(self) -> None:
-        want = len(self._clients) < MAX_CLIENTS
-        if want and not self._accepting:
-            self._sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
-        elif not want and self._accepting:
-            self._sel.unregister(self._listener)  # the backlog holds the rest until a slot frees
-        self._accepting = want
-
-    def _on_accept(self, _mask: int) -> None:
-        now = time.monotonic()
-        while len(self._clients) < MAX_CLIENTS:
-            try:
-                sock, _ = self._listener.accept()
-            except BlockingIOError:
-                break
-            except OSError as e:  # EMFILE and friends: try again next turn, say so once
-                self.faults.record("control accept", e)
-                break
-            sock.setblocking(False)
-            client = _Client(sock, now)
-            self._clients[sock.fileno()] = client
-            self._sel.register(sock, selectors.EVENT_READ, lambda mask, c=client: self._on_readable(c))
-        self._accept_more()
-
-    def _on_readable(self, client: _Client) -> None:
+    def on_request(self, client: serving.Client, request: bytes) -> None:
         try:
-            chunk = client.sock.recv(MAX_REQUEST + 1)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(client)
-            return
-        if not chunk:
-            self._drop(client)  # gone before asking anything
-            return
-        client.inbuf += chunk
-        line, newline, _rest = client.inbuf.partition(b"\n")
-        if not newline and len(client.inbuf) <= MAX_REQUEST:
-            return  # more to come, until the deadline
-        self._sel.unregister(client.sock)
-        try:
-            client.cmd = parse_request(line)
+            cmd = parse_request(request)
         except BadRequest as e:
             self.refused += 1
-            self._send(client, {"error": str(e)})
+            self._answer(client, {"error": str(e)})
             return
-        self._ready.append(client)
+        self._ready.append((client, cmd))
 
-    def _on_writable(self, client: _Client) -> None:
-        try:
-            sent = client.sock.send(client.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(client)
-            return
-        client.out = client.out[sent:]
-        if not client.out:
-            self.answered += 1
-            self._drop(client)
-
-    # ---- the loop's turn -----------------------------------------------------------------------
+    def on_drop(self, client: serving.Client) -> None:
+        if self._ready:  # at close: a client whose command waits is neither read nor timed
+            self._ready = deque(r for r in self._ready if r[0] is not client)
 
     def work(self, now: float | None = None) -> None:
         """Compute one command for every client waiting for it; drop clients past their deadline."""
-        now = time.monotonic() if now is None else now
         if self._ready:
-            cmd = self._ready[0].cmd
-            waiting = [c for c in self._ready if c.cmd == cmd]
-            self._ready = deque(c for c in self._ready if c.cmd != cmd)
+            cmd = self._ready[0][1]
+            waiting = [client for client, c in self._ready if c == cmd]
+            self._ready = deque(r for r in self._ready if r[1] != cmd)
             try:
                 result = self.handler(cmd)
             except Exception as e:  # a bug must cost one answer, not the daemon
@@ -289,46 +202,26 @@ class Server:
                 result = {"error": f"internal error while answering {cmd[:40]!r}: {type(e).__name__}"}
             for client in waiting:
                 if result is LATER:
-                    del self._clients[client.sock.fileno()]
-                    self.held.append(client.sock)
-                    self._accept_more()
+                    self.held.append(self.detach(client))
                 else:
-                    self._send(client, result)
-        for client in list(self._clients.values()):
-            # A client whose request waits in _ready waits for us, not we for it.
-            if now > client.deadline and (client.cmd is None or client.out is not None):
-                self.dropped += 1
-                self._drop(client)
+                    self._answer(client, result)
+        super().work(now)
 
-    def _send(self, client: _Client, result: dict) -> None:
+    def _answer(self, client: serving.Client, result: dict) -> None:
         try:
             data = encode(result)
         except ValueError as e:
             self.faults.record("control answer", e)
             data = encode({"error": f"internal error: answer not encodable ({e})"})
-        client.out = memoryview(data)
-        client.deadline = time.monotonic() + ANSWER_TIMEOUT
-        self._sel.register(client.sock, selectors.EVENT_WRITE, lambda mask, c=client: self._on_writable(c))
-
-    def _drop(self, client: _Client) -> None:
-        fd = client.sock.fileno()
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(client.sock)
-        with contextlib.suppress(ValueError):
-            self._ready.remove(client)
-        self._clients.pop(fd, None)
-        client.sock.close()
-        self._accept_more()
+        self.send(client, data)
 
 
 def listen(path: str) -> tuple[socket.socket, list[str]]:
     """A listening socket at `path`, and the directories made for it (for a failed start to remove)."""
-    check_path(path)
-    directory = os.path.dirname(path) or "."
-    try:
-        created = make_dirs(directory, 0o755)
-    except OSError as e:
-        raise ControlError(f"cannot create the directory {directory} for {path}: {e.strerror}") from None
+    return serving.listen_unix(check_path(path), "control socket", BACKLOG, _clear, ControlError)
+
+
+def _clear(path: str) -> None:
     if os.path.exists(path):
         try:
             request(path, "ping", timeout=1.0)
@@ -336,16 +229,3 @@ def listen(path: str) -> tuple[socket.socket, list[str]]:
             os.unlink(path)  # left behind by a daemon that died
         else:
             raise ControlError(f"another nfacct daemon is already answering at {path}")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        s.bind(path)
-    except OSError as e:
-        s.close()
-        remove_dirs(created)
-        raise ControlError(f"cannot create the control socket {path}: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    s.listen(BACKLOG)
-    s.setblocking(False)
-    return s, created

@@ -12,8 +12,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from . import text, topview
+from . import text, topview, units
 from .tables import COUNTER_NAMES
+
+UNIT_WIDTH = 20  # docker:<12 hex> and most unit names whole; longer ones cut with …
 
 
 def safe(name: str) -> Text:
@@ -138,8 +140,13 @@ def print_history(
             for d in ("snd", "rcv")
         ]
         where = [safe(r["netns"] or topview.OWN_NETNS)] if named else []
-        group = r[by] if r[by] is not None or by != "netns" else topview.OWN_NETNS
-        table.add_row(safe(str(group)), *where, str(r["processes"]), *cells)
+        if by == "unit":
+            label = r[by] or units.NONE
+        elif by == "netns":
+            label = r[by] or topview.OWN_NETNS
+        else:
+            label = str(r[by])
+        table.add_row(safe(label), *where, str(r["processes"]), *cells)
     packets, gaps = unaccounted
     if packets:
         table.caption = f"{packets} packets passed unaccounted in {gaps} gaps (table `unaccounted`)"
@@ -193,36 +200,40 @@ def top_table(found: list[topview.Row], by: str, width: int, limit: int | None =
     # figures or fold a row in two when a name is long.
     t = Table(box=None, pad_edge=False, header_style="bold", expand=False)
     t.add_column("S", no_wrap=True, width=1)
+    unit_width = 0
     if by == "process":
         wide = width >= 120
+        # From 140 columns (a pipe's width) the unit fits beside a command line still 37 wide.
+        unit_width = UNIT_WIDTH if width >= 140 else 0
         name_width = 16 if wide else max(8, width - 63)  # 63: the other columns and their gaps
         t.add_column("PID", justify="right", no_wrap=True, width=7)
         t.add_column("USER", no_wrap=True, width=8)
         t.add_column("COMMAND", no_wrap=True, width=name_width)
+        if unit_width:
+            t.add_column("UNIT", no_wrap=True, width=unit_width)
     else:
         wide = False
         name_width = max(8, width - 51)
-        t.add_column(
-            {"command": "COMMAND", "user": "USER", "cgroup": "CGROUP", "netns": "NETNS"}[by],
-            no_wrap=True,
-            width=name_width,
-        )
+        t.add_column(by.upper(), no_wrap=True, width=name_width)
         t.add_column("PROCS", justify="right", no_wrap=True, width=5)
     for name, room in (("SEND/s", 9), ("RECV/s", 9), ("SENT", 7), ("RECEIVED", 8)):
         t.add_column(name, justify="right", no_wrap=True, width=room)
+    cmdline_width = width - 81 - (unit_width + 2 if unit_width else 0)
     if wide:
-        t.add_column("CMDLINE", no_wrap=True, width=width - 81)
+        t.add_column("CMDLINE", no_wrap=True, width=cmdline_width)
     shown = found if limit is None else found[: max(limit, 0)]
     for r in shown:
         figures = [_rate(r.send_rate), _rate(r.recv_rate), human_bytes(r.sent), human_bytes(r.received)]
         if by == "process":
             cells = [str(r.pid), _cut(text.escape(r.user), 8), _cut(text.escape(r.label), name_width)]
+            if unit_width:
+                cells.append(_cut(text.escape(r.unit), unit_width))
         else:
             cut = _tail if by == "cgroup" else _cut
             cells = [cut(text.escape(r.label), name_width), str(r.processes)]
         names = [Text(c) for c in cells]  # Text: a name is never markup
         if wide:
-            figures.append(Text(_cut(text.escape(r.cmdline), width - 81)))
+            figures.append(Text(_cut(text.escape(r.cmdline), cmdline_width)))
         t.add_row(r.state, *names, *figures, style="dim" if r.state else "")
     if len(shown) < len(found):
         t.caption = f"{len(found) - len(shown)} more (a taller terminal shows them)"
@@ -246,7 +257,7 @@ def top_screen(
     found = topview.rows(prev, cur, by, user_name)
     limit = None if height is None else height - HEADER_LINES - (problem is not None)
     legend = Text(
-        f"keys g/p/c/u/s/n group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
+        f"keys g/p/c/u/s/t/n group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
         f" {topview.EXITED_BEFORE} before",
         style="dim",
     )

@@ -120,6 +120,10 @@ class Engine:
         c = si.counters
         c[slot] += 1
         c[slot + 1] += p.length
+        f = si.flow
+        i = 0 if outgoing else 2
+        f[i] += 1
+        f[i + 1] += p.length
         return asked
 
     def failed(self, exc: Exception) -> None:
@@ -197,6 +201,8 @@ class Engine:
             if packets:
                 c[slot + i] += packets
                 c[slot + i + 1] += nbytes
+                si.flow[i] += packets
+                si.flow[i + 1] += nbytes
                 stats = self.offloaded[direction][name]
                 stats[0] += packets
                 stats[1] += nbytes
@@ -245,6 +251,10 @@ class Engine:
 
     def offloaded_flows(self) -> dict[FlowKey, list[int]]:
         return {key: si.offload for key, si in self.tables.socks.items() if si.offload is not None}
+
+    def flow_counts(self) -> dict[FlowKey, list[int]]:
+        """Every flow's own count: (out packets, out bytes, in packets, in bytes)."""
+        return {key: si.flow for key, si in self.tables.socks.items()}
 
     def take_offload_changes(self) -> tuple[dict[FlowKey, list[int]], list[FlowKey]]:
         """Readings credited and flows withdrawn since the last call (for the checkpoint)."""

@@ -274,15 +274,14 @@ class FlowSets:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def _batch(self, msg: int, by_set: list[tuple[str, list[bytes]]], flags: int) -> tuple[int, list]:
-        """One transaction of `msg` for the keys of each set: (errno or 0, the answers that are
-        not acknowledgements). The kernel answers while handling the sendmsg: all is there."""
+    def _batch(self, changes: list[tuple[int, int, str, list[bytes]]]) -> tuple[int, list]:
+        """One transaction of (message type, flags, set, keys) messages: (errno or 0, the answers
+        that are not acknowledgements). The kernel answers while handling the sendmsg: all is there."""
         seq = self._next_seq()
-        self._sock.send(
-            batch([element_message(msg, name, keys, flags | NLM_F_ACK, seq) for name, keys in by_set], seq)
-        )
+        parts = [element_message(m, name, keys, flags | NLM_F_ACK, seq) for m, flags, name, keys in changes]
+        self._sock.send(batch(parts, seq))
         self.requests += 1
-        acks, failure, answers = len(by_set), 0, []
+        acks, failure, answers = len(changes), 0, []
         while acks:
             buf = self._sock.recv(RECV_SIZE)
             for m in netlink.messages(buf):
@@ -294,48 +293,63 @@ class FlowSets:
                     answers.append((buf, m))
         return failure, answers
 
-    def _apply(self, msg: int, elems: Iterable[Element], flags: int) -> tuple[list, dict[Element, int]]:
-        """`msg` for every element, PER_MESSAGE to a message and PER_BATCH messages to a
-        transaction; returns the answers and the elements the kernel refused, with its errno.
-        A transaction is whole: when one is refused, its elements are tried again one by one
-        to tell the refused ones (a full set, an element already gone) from the rest."""
-        by_set: dict[str, list[bytes]] = {}
-        for el in elems:
-            by_set.setdefault(el.set, []).append(el.key)
-        messages = [
-            (name, keys[i : i + PER_MESSAGE])
-            for name, keys in by_set.items()
-            for i in range(0, len(keys), PER_MESSAGE)
-        ]
+    def _apply(self, changes: list[tuple[int, int, Iterable[Element]]]) -> tuple[list, dict[Element, int]]:
+        """Each (message type, flags, elements) change in turn, PER_MESSAGE elements to a message
+        and PER_BATCH messages to a transaction; returns the answers and the elements the kernel
+        refused, with its errno. A transaction is whole: when one is refused, its elements are
+        tried again one by one to tell the refused ones (a full set, an element already gone)
+        from the rest."""
+        messages = []
+        for msg, flags, elems in changes:
+            by_set: dict[str, list[bytes]] = {}
+            for el in elems:
+                by_set.setdefault(el.set, []).append(el.key)
+            messages += [
+                (msg, flags, name, keys[i : i + PER_MESSAGE])
+                for name, keys in by_set.items()
+                for i in range(0, len(keys), PER_MESSAGE)
+            ]
         answers, refused = [], {}
         for i in range(0, len(messages), PER_BATCH):
             chunk = messages[i : i + PER_BATCH]
-            failure, got = self._batch(msg, chunk, flags)
+            failure, got = self._batch(chunk)
             if not failure:
                 answers += got
                 continue
-            for name, keys in chunk:
+            for msg, flags, name, keys in chunk:
                 for key in keys:
-                    failure, got = self._batch(msg, [(name, [key])], flags)
+                    failure, got = self._batch([(msg, flags, name, [key])])
                     answers += got
                     if failure:
                         refused[Element(name, key)] = failure
         return answers, refused
 
-    def add(self, elems: Iterable[Element]) -> dict[Element, int]:
-        """Add elements (one already there keeps its counter); returns the refused ones, with the
-        kernel's errno (ENFILE: the set is full; ENOENT: no such set)."""
-        return self._apply(NFT_MSG_NEWSETELEM, elems, NLM_F_CREATE)[1]
+    def change(
+        self, remove: Iterable[Element] = (), add: Iterable[Element] = ()
+    ) -> tuple[dict[Element, tuple[int, int]], dict[Element, int]]:
+        """Delete elements, then add others, in one transaction: each deleted one's last
+        (packets, bytes), and the refused elements with the kernel's errno (ENOENT: not there
+        to delete, or no such set; ENFILE: the set is full). An element added that is there
+        already keeps its counter.
 
-    def remove(self, elems: Iterable[Element]) -> tuple[dict[Element, tuple[int, int]], dict[Element, int]]:
-        """Delete elements: each deleted one's last (packets, bytes), and the refused ones with
-        the kernel's errno (ENOENT: it was not there)."""
-        answers, refused = self._apply(NFT_MSG_DELSETELEM, elems, NLM_F_ECHO)
+        One transaction, because its commit is most of the cost: one element added took 51 µs,
+        eight 106 µs; one removed 96 µs, eight 197 µs (6.18, 2026-11-25)."""
+        answers, refused = self._apply(
+            [(NFT_MSG_DELSETELEM, NLM_F_ECHO, remove), (NFT_MSG_NEWSETELEM, NLM_F_CREATE, add)]
+        )
         last = {}
         for buf, m in answers:
             if m.type == _msg_type(NFT_MSG_DELSETELEM):
                 last.update(parse_elements(buf, m))
         return last, refused
+
+    def add(self, elems: Iterable[Element]) -> dict[Element, int]:
+        """Add elements: the refused ones, with the kernel's errno (see `change`)."""
+        return self.change(add=elems)[1]
+
+    def remove(self, elems: Iterable[Element]) -> tuple[dict[Element, tuple[int, int]], dict[Element, int]]:
+        """Delete elements: each deleted one's last (packets, bytes), and the refused ones."""
+        return self.change(remove=elems)
 
     def read(self) -> dict[Element, tuple[int, int]]:
         """Every element of the four sets with its (packets, bytes), at once (the daemon's start)."""

@@ -1,9 +1,10 @@
-"""Prometheus metrics: traffic by command, user and cgroup (the fleet view), and the engine's health.
+"""Prometheus metrics: traffic by command, user, cgroup and unit (the fleet view), and the engine's
+health.
 
 Per-process counters are not exported as they are: every process would be a series of its own
 (cardinality growing with every pid) and its counts would vanish when the daemon forgets it.
 Instead each snapshot of the tasks (`Service.snapshot`, what `top` shows) is folded into
-aggregates keyed by (command, user, cgroup): every task adds what it counted since the previous
+aggregates keyed by (command, user, cgroup, unit): every task adds what it counted since the previous
 snapshot, under the labels it has now (a process that exec'd counts under its new name from then
 on). An aggregate therefore only grows, and what an exited process counted stays in it after the
 GC has dropped its taskinfo: the daemon folds a snapshot on each scrape and right before each GC.
@@ -15,7 +16,9 @@ checkpoint or handed over) count from their counts at that moment (`baseline`), 
 counted before was the predecessor's to export. Prometheus sees a restart as a counter reset,
 which rate() and increase() handle.
 
-Label values are valid UTF-8 whatever a process calls itself: command and cgroup pass through
+The unit (`units`: the container or systemd unit) is a function of the cgroup, so it adds no label
+set: `sum by (unit)` needs no relabelling of cgroup paths, at no cost in series. Label values are
+valid UTF-8 whatever a process calls itself: command, cgroup and unit pass through
 `text.escape`, as on a terminal (a byte that is not UTF-8 becomes the four characters `\\xff`,
 control characters `\\n`, `\\x1b`...); the exposition then escapes backslash, quote and newline
 as its format asks. The user label is the numeric uid: resolving names would block the loop on
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from . import scrape, text
+from . import scrape, text, units
 from .queue import KernelQueueStats
 from .tables import COUNTER_NAMES, NCOUNTERS
 
@@ -50,14 +53,15 @@ MAX_LABEL_SETS = 10_000
 OVER_LIMIT = "(label sets over limit)"
 # (proto, direction, index of the packets counter in COUNTER_NAMES; bytes follow it)
 SERIES = (("tcp", "snd", 0), ("tcp", "rcv", 2), ("udp", "snd", 4), ("udp", "rcv", 6))
-TRAFFIC_LABELS = ("proto", "direction", "command", "user", "cgroup")
+TRAFFIC_LABELS = ("proto", "direction", "command", "user", "cgroup", "unit")
 
-LabelSet = tuple[str, str, str]  # command, user, cgroup: escaped, ready to export
+LabelSet = tuple[str, str, str, str]  # command, user, cgroup, unit: escaped, ready to export
 TaskKey = tuple[int, float]  # pid, btime
 
 
 def label_set(task: dict) -> LabelSet:
-    return text.escape(task["comm"]), str(task["uid"]), text.escape(task["cgroup"])
+    cgroup = task["cgroup"]
+    return text.escape(task["comm"]), str(task["uid"]), text.escape(cgroup), text.escape(units.unit(cgroup))
 
 
 def counters(task: dict) -> list[int]:
@@ -91,7 +95,7 @@ class Aggregates:
             total = self.totals.get(labels)
             if total is None:
                 if len(self.totals) >= self.limit:
-                    labels = (OVER_LIMIT, OVER_LIMIT, OVER_LIMIT)
+                    labels = (OVER_LIMIT,) * len(labels)
                 total = self.totals.setdefault(labels, [0] * NCOUNTERS)
             for i in range(NCOUNTERS):
                 total[i] += now[i] - (before[i] if before else 0)
@@ -155,7 +159,7 @@ class Collector:
         yield from health(f.health)
         yield GaugeMetricFamily(
             "nfacct_metrics_label_sets",
-            f"(command, user, cgroup) label sets kept, at most {f.label_set_limit}",
+            f"(command, user, cgroup, unit) label sets kept, at most {f.label_set_limit}",
             value=len(f.traffic),
         )
         yield CounterMetricFamily("nfacct_metrics_answers", "scrapes answered in full", value=f.answered)
@@ -176,7 +180,7 @@ class Collector:
 
 def traffic(totals: list[tuple[LabelSet, list[int]]]) -> Iterator[Metric]:
     packets = CounterMetricFamily(
-        "nfacct_packets", "IP packets of processes, by command, user and cgroup", labels=TRAFFIC_LABELS
+        "nfacct_packets", "IP packets of processes, by command, user, cgroup and unit", labels=TRAFFIC_LABELS
     )
     octets = CounterMetricFamily(
         "nfacct_bytes", "IP bytes of processes (as nft counts them)", labels=TRAFFIC_LABELS

@@ -164,11 +164,46 @@ class Offloader:
 
     def withdraw(self, flows: list[FlowKey]) -> None:
         """Remove the flows' elements, crediting each with its last count as it goes."""
-        if not flows:
+        if flows:
+            self._withdrawn(flows, *self.sets.remove(self._leaving(flows)))
+
+    def flush(self, gone: list[FlowKey], ready: list[FlowKey]) -> None:
+        """In one transaction: withdraw the flows that must go, and offload the flows settled
+        since the last flush (this namespace's part of the engine's `take_withdrawals` and
+        `take_offloadable`: the service hands each namespace its own)."""
+        gone = list(dict.fromkeys(gone))
+        room = 0
+        if self.mode == "offload":  # the flows going free their room in the same transaction
+            room = max(0, self.limit - (self.flows - len(gone)))
+            self.overflow += max(0, len(ready) - room)
+        ready = ready[:room]
+        if not gone and not ready:
             return
         if self._began is not None:
+            self._touched.update(ready)
+        adds = [el for flow in ready for el in elements(flow[:5])]
+        last, refused = self.sets.change(self._leaving(gone), adds)
+        offered = {flow[:5] for flow in ready}
+        adding = {el: code for el, code in refused.items() if flow_of(el) in offered}
+        self._withdrawn(gone, last, {el: code for el, code in refused.items() if el not in adding})
+        self._note_refused(adding, "adding")
+        failed = {flow_of(el) for el in adding}
+        if failed:  # a flow goes whole or not at all: take back its other element
+            self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
+        done = [flow for flow in ready if flow[:5] not in failed]
+        self.engine.offloaded_now(done)
+        self.flows += len(done)
+        self.added += len(done)
+
+    def _leaving(self, flows: list[FlowKey]) -> list[Element]:
+        if self._began is not None:
             self._touched.update(flows)
-        last, refused = self.sets.remove([el for flow in flows for el in elements(flow[:5])])
+        return [el for flow in flows for el in elements(flow[:5])]
+
+    def _withdrawn(
+        self, flows: list[FlowKey], last: dict[Element, tuple[int, int]], refused: dict[Element, int]
+    ) -> None:
+        """Credit the withdrawn flows with their elements' last counts; note what was refused."""
         self._note_refused(refused, "removing")
         now = time.monotonic()
         for flow in flows:
@@ -178,28 +213,6 @@ class Offloader:
             self.engine.withdrawn(flow)
         self.flows -= len(flows)
         self.removed += len(flows)
-
-    def flush(self, withdrawals: list[FlowKey], ready: list[FlowKey]) -> None:
-        """Withdraw what must go, then offload the flows settled since the last flush (both this
-        namespace's part of the engine's `take_withdrawals` and `take_offloadable`)."""
-        self.withdraw(withdrawals)
-        room = max(0, self.limit - self.flows)
-        if self.mode == "offload":
-            self.overflow += max(0, len(ready) - room)
-        ready = ready[:room]
-        if not ready:
-            return
-        refused = self.sets.add([el for flow in ready for el in elements(flow[:5])])
-        self._note_refused(refused, "adding")
-        failed = {flow_of(el) for el in refused}
-        if failed:  # a flow goes whole or not at all: take back its other element
-            self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
-        done = [flow for flow in ready if flow[:5] not in failed]
-        if self._began is not None:
-            self._touched.update(done)
-        self.engine.offloaded_now(done)
-        self.flows += len(done)
-        self.added += len(done)
 
     def _note_refused(self, refused: dict[Element, int], doing: str) -> None:
         for el, code in refused.items():

@@ -1,13 +1,13 @@
 """The HTTP endpoint Prometheus scrapes: `GET /metrics`, served from the daemon's own loop.
 
-The loop also gives every queued packet its verdict, so, like the control socket, this server
-never blocks and no client can hold it: connections are read and written only when the selector
-says they are ready, a request must be complete within REQUEST_TIMEOUT and its answer read within
-ANSWER_TIMEOUT, at most MAX_CLIENTS are open (a newcomer takes the place of the one silent
-longest; when all wait for their answers, more wait in the backlog), a request head longer than
-MAX_REQUEST is refused, and a body is made at most once per RENDER_EVERY seconds (a scraper
-asking in a loop gets the same bytes again instead of making the daemon work for it). The body is
-made in two steps: the loop copies what it shows, a worker thread turns the copy into text.
+`Endpoint` is this protocol on `serving.Server`, like the control socket, so it never blocks and
+no client can hold the loop that gives every queued packet its verdict: a request must be
+complete within REQUEST_TIMEOUT and its answer read within ANSWER_TIMEOUT, at most MAX_CLIENTS
+are open (a newcomer takes the place of the one silent longest; when all wait for their answers,
+more wait in the backlog), a request head longer than MAX_REQUEST is refused, and a body is made
+at most once per RENDER_EVERY seconds (a scraper asking in a loop gets the same bytes again
+instead of making the daemon work for it). The body is made in two steps: the loop copies what it
+shows, a worker thread turns the copy into text.
 HTTP/1.1 with one request per connection: enough for Prometheus, and nothing to keep between
 scrapes. Not encrypted or authenticated: it listens on loopback unless told otherwise (see
 docs/metrics.md for what it exposes).
@@ -15,7 +15,6 @@ docs/metrics.md for what it exposes).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import selectors
 import socket
@@ -23,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from . import serving
 from .faults import Faults
 
 DEFAULT_HOST = "127.0.0.1"
@@ -113,19 +113,8 @@ def route(head: bytes) -> bytes | None:
 Render = Callable[[], tuple[bytes, str]]  # a body and its content type, made in the worker thread
 
 
-class _Client:
-    __slots__ = ("deadline", "inbuf", "out", "sock", "waiting")
-
-    def __init__(self, sock: socket.socket, now: float):
-        self.sock = sock
-        self.inbuf = b""
-        self.out: memoryview | None = None
-        self.waiting = False  # for a rendering: it waits for us, not we for it
-        self.deadline = now + REQUEST_TIMEOUT
-
-
-class Endpoint:
-    """The listening socket and its clients, driven by the daemon's selector.
+class Endpoint(serving.Server):
+    """The HTTP protocol on the shared server: `GET /metrics`, one request per connection.
 
     `prepare()` runs in the loop and returns the rendering to run in the worker thread: the loop
     reads the tables (they are not thread-safe) and the thread turns a copy into text, which
@@ -141,114 +130,49 @@ class Endpoint:
         share: bool = False,
     ):
         self.prepare = prepare
-        self.faults = faults
-        self._sel = selector
-        self._listener = listen(*address, share)
-        self.address = self._listener.getsockname()[:2]
-        self._clients: dict[int, _Client] = {}
+        listener = listen(*address, share)
+        self.address = listener.getsockname()[:2]
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nfacct-metrics")
         self._rendering: Future | None = None
-        self._waiting: list[_Client] = []
+        self._waiting: list[serving.Client] = []  # for the rendering under way
         self._answer = b""
         self._prepared_at = -RENDER_EVERY
         # The worker says it is done through this pipe, so the loop picks the answer up at once.
         self._done_r, self._done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel.register(self._done_r, selectors.EVENT_READ, self._on_rendered)
-        self.answered = 0
-        self.dropped = 0  # clients cut off at their deadline
-        self._accepting = False
-        self._accept_more()
+        selector.register(self._done_r, selectors.EVENT_READ, self._on_rendered)
+        # Beyond MAX_CLIENTS, a newcomer takes the place of the client silent longest: when newcomers
+        # waited in the backlog, 40 silent connections kept a scraper waiting past its 10 s timeout.
+        when_full = serving.WhenFull.EVICT
+        end = b"\r\n\r\n"  # of the request head
+        terms = serving.Terms(
+            "metrics", MAX_CLIENTS, when_full, MAX_REQUEST, end, REQUEST_TIMEOUT, ANSWER_TIMEOUT
+        )
+        super().__init__(listener, selector, faults, terms)
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)  # a rendering takes at most ~1 s
         self._sel.unregister(self._done_r)
         os.close(self._done_r)
         os.close(self._done_w)
-        for client in list(self._clients.values()):
-            self._drop(client)
-        if self._accepting:
-            self._sel.unregister(self._listener)
-        self._listener.close()
+        super().close()
 
-    def _idle(self) -> _Client | None:
-        """The client that has been sending its request for the longest, if one is."""
-        idle = [c for c in self._clients.values() if c.out is None and not c.waiting]
-        return min(idle, key=lambda c: c.deadline, default=None)
-
-    def _accept_more(self) -> None:
-        want = len(self._clients) < MAX_CLIENTS or self._idle() is not None
-        if want and not self._accepting:
-            self._sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
-        elif not want and self._accepting:
-            self._sel.unregister(self._listener)  # the backlog holds the rest until a slot frees
-        self._accepting = want
-
-    def _on_accept(self, _mask: int) -> None:
-        now = time.monotonic()
-        while True:
-            full = len(self._clients) >= MAX_CLIENTS
-            if full and not self._make_room():
-                break
-            try:
-                sock, _ = self._listener.accept()
-            except BlockingIOError:
-                break
-            except OSError as e:  # EMFILE and friends: try again next turn, say so once
-                self.faults.record("metrics accept", e)
-                break
-            sock.setblocking(False)
-            client = _Client(sock, now)
-            self._clients[sock.fileno()] = client
-            self._sel.register(sock, selectors.EVENT_READ, lambda _m, c=client: self._on_readable(c))
-            if full:
-                break  # one at a time: the selector calls again while more wait
-        self._accept_more()
-
-    def _make_room(self) -> bool:
-        """Full, a newcomer takes the place of the client that has been silent longest, so
-        connections that never send a request cannot keep Prometheus out (measured: when
-        newcomers waited in the backlog, 40 of them kept a scraper waiting past its 10 s
-        timeout). Each is read a last time first: its request may be there, not yet read."""
-        while len(self._clients) >= MAX_CLIENTS:
-            oldest = self._idle()
-            if oldest is None:
-                return False  # every client waits for its answer: newcomers wait in the backlog
-            fd = oldest.sock.fileno()
-            self._on_readable(oldest)
-            if self._clients.get(fd) is oldest and oldest.out is None and not oldest.waiting:
-                self.dropped += 1
-                self._drop(oldest)
-        return True
-
-    def _on_readable(self, client: _Client) -> None:
-        try:
-            chunk = client.sock.recv(MAX_REQUEST + 1)
-        except BlockingIOError:
+    def on_request(self, client: serving.Client, request: bytes) -> None:
+        if len(request) > MAX_REQUEST:  # no end of the head within MAX_REQUEST
+            self.send(client, response("431 Request Header Fields Too Large", b"request head too long\n"))
             return
-        except OSError:
-            self._drop(client)
-            return
-        if not chunk:
-            self._drop(client)
-            return
-        client.inbuf += chunk
-        head, end, _body = client.inbuf.partition(b"\r\n\r\n")
-        if not end and len(client.inbuf) <= MAX_REQUEST:
-            return  # more to come, until the deadline
-        self._sel.unregister(client.sock)
-        if not end:
-            self._send(client, response("431 Request Header Fields Too Large", b"request head too long\n"))
-            return
-        answer = route(head)
+        answer = route(request)
         if answer is not None:
-            self._send(client, answer)
+            self.send(client, answer)
         elif time.monotonic() - self._prepared_at < RENDER_EVERY:
-            self._send(client, self._answer)
+            self.send(client, self._answer)
         else:
-            client.waiting = True
             self._waiting.append(client)
             if self._rendering is None:
                 self._render()
+
+    def on_drop(self, client: serving.Client) -> None:
+        if client in self._waiting:
+            self._waiting.remove(client)
 
     def _render(self) -> None:
         self._prepared_at = time.monotonic()
@@ -279,48 +203,4 @@ class Endpoint:
     def _answer_waiting(self, answer: bytes) -> None:
         waiting, self._waiting = self._waiting, []
         for client in waiting:
-            client.waiting = False
-            self._send(client, answer)
-
-    def _send(self, client: _Client, answer: bytes) -> None:
-        client.out = memoryview(answer)  # every client shares the same bytes
-        client.deadline = time.monotonic() + ANSWER_TIMEOUT
-        self._sel.register(client.sock, selectors.EVENT_WRITE, lambda _m, c=client: self._on_writable(c))
-
-    def _on_writable(self, client: _Client) -> None:
-        try:
-            sent = client.sock.send(client.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(client)
-            return
-        client.out = client.out[sent:]
-        if not client.out:
-            self.answered += 1
-            # Closing with unread bytes would reset the connection, and the client could lose
-            # the answer (a request head over MAX_REQUEST): read what is there first.
-            with contextlib.suppress(OSError):
-                for _ in range(16):
-                    if not client.sock.recv(1 << 16):
-                        break
-            self._drop(client)
-
-    def work(self, now: float | None = None) -> None:
-        """Drop clients past their deadline (the loop calls this every turn)."""
-        if not self._clients:
-            return
-        now = time.monotonic() if now is None else now
-        for client in list(self._clients.values()):
-            if now > client.deadline and not client.waiting:
-                self.dropped += 1
-                self._drop(client)
-
-    def _drop(self, client: _Client) -> None:
-        if client.waiting:
-            self._waiting.remove(client)
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(client.sock)
-        self._clients.pop(client.sock.fileno(), None)
-        client.sock.close()
-        self._accept_more()
+            self.send(client, answer)

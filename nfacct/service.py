@@ -94,6 +94,7 @@ class Service:
         self._handing_over = False
         self._reload_asked = False  # SIGHUP: `reload` at the next turn of the loop
         self._held: list[QueuedPacket] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
+        self._exits: list[tuple[int, float]] = []  # (tgid, when) of processes ended this turn (_flush)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self._seen_overruns = 0  # proc connector overruns already answered by a liveness poll
         self.faults = Faults()
@@ -257,28 +258,36 @@ class Service:
         self._undo.callback(remove_dirs, self.atop.created_dirs)
 
     def _offload(self, work: str, max_age: float = 0.0) -> None:
-        """Flush, step or refresh every namespace's flow sets. A flush hands each offloader its
-        namespace's part of what the engine says must go and may come; flows of a namespace
-        without flow sets stay on the queue path."""
-        if work != "flush":
-            for ns in self.spaces.values():
-                ns.offload(work, max_age)
-            return
-        withdrawals, ready = self.engine.take_withdrawals(), self.engine.take_offloadable()
+        """Refresh every namespace's flow sets' readings, or take the next step of one."""
         for ns in self.spaces.values():
-            if ns.offloader is not None:
-                mine = [k for k in withdrawals if ns.owns(k)], [k for k in ready if ns.owns(k)]
-                ns.offload("flush", withdraw=mine[0], ready=mine[1])
+            ns.offload(work, max_age)
 
     def _exited(self, tgids: list[int], now: float) -> None:
-        """Processes ended: their offloaded flows' last counts first (one batch per namespace),
-        so what they are written with is whole; then their sockets wait for whoever holds them next."""
-        offloaded = self.engine.offloaded_flows_of(tgids)
-        for ns in self.spaces.values():
-            mine = [k for k in offloaded if ns.owns(k)]
-            if mine:
-                ns.offload("withdraw", withdraw=mine)
+        """Processes ended: settled at the turn's `_flush`, with the turn's other changes."""
         for tgid in tgids:
+            self._forget(tgid)
+            self._exits.append((tgid, now))
+
+    def _forget(self, pid: int | None) -> None:
+        """Process `pid` execed or exited (None: any may have): every resolver reads its facts anew."""
+        for ns in self.spaces.values():
+            ns.resolver.forget(pid)
+
+    def _flush(self) -> None:
+        """The turn's changes to the flow sets, in one transaction per namespace: the flows that
+        ended and those of the processes that exited go, crediting their last counts, and the
+        flows attributed since the last flush come in; each namespace's offloader gets its own
+        (a namespace without flow sets keeps its flows on the queue path). Then the exits are
+        applied: what an exited process is written with is whole, and its sockets wait for
+        whoever holds them next. A failure is counted and logged once, never fatal."""
+        exits, self._exits = self._exits, []
+        gone = [*self.engine.offloaded_flows_of([tgid for tgid, _ in exits]), *self.engine.take_withdrawals()]
+        ready = self.engine.take_offloadable()
+        for ns in self.spaces.values():
+            if ns.offloader is not None:
+                mine = [k for k in gone if ns.owns(k)], [k for k in ready if ns.owns(k)]
+                ns.offload("flush", withdraw=mine[0], ready=mine[1])
+        for tgid, now in exits:
             self.engine.process_exited(tgid, now)
 
     # ---- per packet ---------------------------------------------------------------------------
@@ -326,13 +335,15 @@ class Service:
                 exits.append(ev.tgid)
             elif ev.kind == "fork":
                 self.index.note_new_process(ev.tgid)
-            elif ev.kind == "exec" and self.engine.is_running(ev.tgid):
-                facts = process_facts(ev.tgid)
+            elif ev.kind == "exec":
+                self._forget(ev.tgid)
+                facts = process_facts(ev.tgid) if self.engine.is_running(ev.tgid) else None
                 if facts is not None:
                     self.engine.process_execed(facts)
         self._exited(exits, now)
         if self.events.overruns > self._seen_overruns:
             self._seen_overruns = self.events.overruns
+            self._forget(None)  # an exec may be among the lost events
             self._poll_liveness()  # events were lost: check every task once
 
     def _poll_liveness(self) -> None:
@@ -452,7 +463,7 @@ class Service:
             return self.status()
         if verb == "sockets":  # per-socket counters for `nfacct sockets`, as fresh as `top`'s
             self.snapshot()
-            flows = self.engine.offloaded_flows()
+            flows = self.engine.flow_counts()
             if arg:  # `sockets NAME`: one namespace's flows
                 flows = {k: r for k, r in flows.items() if k[5] == arg}
             return sockview.flows_answer(flows)
@@ -579,11 +590,13 @@ class Service:
                     if registered.get(key.fd) is key:  # not a namespace dropped earlier in this batch
                         key.data(mask)
                 # After the batch: find the owners of the flows it brought while they still exist.
+                # Their elements go in before the held first packets leave, so the answers to
+                # those (a SYN-ACK) are counted by the kernel instead of queued again.
                 try:
                     self._apply_answers()
+                    self._flush()
                 finally:
                     self._release_held()
-                self._offload("flush")
                 self._offload("step")
                 self.control.work()  # one command per turn: the queue is served between them
                 if self.atop:
@@ -598,7 +611,7 @@ class Service:
             self._drain()
             self._apply_answers()
             self._poll_liveness()
-            self._offload("flush")
+            self._flush()
             self._checkpoint()
             if self.control.held:
                 tables = self.engine.export()
@@ -689,7 +702,7 @@ class Service:
                 self.metrics.refresh()  # what the GC drops is in the aggregates first
             self._offload("refresh", FRESH)  # offloaded flows are idle only if their elements say so
             self.engine.gc()
-            self._offload("flush")  # idle offloaded flows: their elements go first, GC drops them next
+            self._flush()  # idle offloaded flows: their elements go first, GC drops them next
 
     def close(self) -> None:
         self._resources.close()

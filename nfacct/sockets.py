@@ -70,9 +70,7 @@ def collect(
         matched, ambiguous = sockview.match_counters(details, flows)
         counters = list(matched)
         if ambiguous:
-            notes.append(
-                f"{ambiguous} offloaded flows reach a UDP port several sockets share: counted for none"
-            )
+            notes.append(f"{ambiguous} flows reach a UDP port several sockets share: counted for none")
     ifnames = _ifnames(netns_name, {d.ifindex for d in details if d.ifindex})
     names: dict[int, str | None] = {}
     records = []
@@ -133,7 +131,7 @@ def _ifnames(netns_name: str | None, indexes: set[int]) -> dict[int, str]:
 
 
 def _daemon_flows(netns_name: str | None, control_path: str | None) -> tuple[list[list] | None, str | None]:
-    """The daemon's offloaded flows with their readings (None if no daemon answered), and a note
+    """The daemon's flows with their counts (None if no daemon answered), and a note
     when one exists but could not be asked."""
     # A daemon may account several namespaces: it is asked for this one's flows only.
     ask = f"sockets {netns_name}" if netns_name else "sockets"

@@ -9,11 +9,11 @@ that was possible; otherwise the few that sock_diag also tells are taken from it
 (`option_sources`, and `*` in the table). IP_TOS, IPV6_TCLASS, TCP_CONGESTION and the IP-level
 bits of INET_DIAG_SOCKOPT come from sock_diag only.
 
-Counters: the daemon's sockinfo of a flow points at its process's counters, so the only
-per-flow figures it holds are its flow sets' readings: what the kernel counted for the flow
-since it was offloaded. `flows_answer` is the daemon's side, `match_counters` gives each socket
-its flows' readings (a listening TCP socket has none: its connections are sockets of their own;
-an unconnected UDP socket has every flow to its port and address).
+Counters: each of the daemon's sockinfos keeps its flow's own count (packets it queued and its
+flow sets' readings, since the daemon started or took the flow over). `flows_answer` is the
+daemon's side, `match_counters` gives each socket its flows' counts (a listening TCP socket has
+none: its connections are sockets of their own; an unconnected UDP socket has every flow to its
+port and address).
 """
 
 from __future__ import annotations
@@ -76,13 +76,13 @@ GETSOCKOPT, SOCK_DIAG = "getsockopt", "sock_diag"
 MARK = "*"  # in the table: a value sock_diag gave because getsockopt could not be used
 
 
-def flows_answer(offloaded: dict[FlowKey, list[int]]) -> dict:
-    """The daemon's answer to `sockets`: each offloaded flow's key and the reading of its
-    elements (out packets, out bytes, in packets, in bytes), addresses in hex."""
+def flows_answer(flows: dict[FlowKey, list[int]]) -> dict:
+    """The daemon's answer to `sockets`: each flow's key and its count (out packets, out bytes,
+    in packets, in bytes), addresses in hex."""
     return {
         "flows": [
             [proto, local.hex(), lport, remote.hex(), rport, *reading]
-            for (proto, local, lport, remote, rport, _netns), reading in offloaded.items()
+            for (proto, local, lport, remote, rport, _netns), reading in flows.items()
         ]
     }
 
@@ -92,7 +92,7 @@ def _wildcard(addr: bytes) -> bool:
 
 
 def match_counters(details: list[SockDetail], flows: list[list]) -> tuple[list[dict], int]:
-    """Each socket's counters from the daemon's offloaded flows (`flows_answer`), and how many
+    """Each socket's counters from the daemon's flows (`flows_answer`), and how many
     flows could not be told apart between sockets sharing a UDP port (credited to none)."""
     counters = [
         {"flows": 0, "out_packets": 0, "out_bytes": 0, "in_packets": 0, "in_bytes": 0} for _ in details
@@ -331,7 +331,7 @@ def _figure(packets: int, nbytes: int) -> str:
 
 def table(records: Iterable[dict], counters: bool) -> list[str]:
     """knetstat's layout, one line per socket, plus the owner and (`counters`: a daemon
-    answered) what the kernel counted for the socket's offloaded flows."""
+    answered) what the socket's flows sent and received."""
     head = f"{'Proto':<5} {'Recv-Q':>6} {'Send-Q':>6} {'Local Address':<23} {'Foreign Address':<23} "
     head += f"{'State':<11} {'Diag':<4} {'PID/Program name':<20} "
     if counters:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from . import text
+from . import text, units
 from .files import make_dirs, remove_dirs
 from .tables import COUNTER_NAMES
 
@@ -51,6 +51,9 @@ LIVE_COLUMNS = (*_facts, "checkpoint_time", *COUNTER_NAMES)
 OFFLOAD_COLUMNS = ("out_packets", "out_bytes", "in_packets", "in_bytes")
 NAME_COLUMNS = ("command", "cmdline", "cgroup")  # TEXT, or BLOB when not UTF-8 (text.to_sql)
 BY_COLUMNS = {"command": "command", "uid": "uid", "cgroup": "cgroup", "pid": "pid", "netns": "netns"}
+# The unit (nfacct.units) is derived from the cgroup at query time, not stored: the mapping can
+# improve without a migration, and rows written before it have a unit too.
+BY_COLUMNS["unit"] = "nfacct_unit(cgroup)"
 # SQLITE_CORRUPT ("database disk image is malformed"), SQLITE_NOTADB ("file is not a database") and
 # SQLITE_TOOBIG ("string or blob too big": quick_check's answer to a record length that random bytes
 # written over pages made absurd, seen in 1 run of about 50 of tests/test_store.py)
@@ -225,6 +228,7 @@ class Store:
         self._created_db = False
         try:
             self.db = self._open_readonly() if readonly else self._open()
+            self.db.conn.create_function("nfacct_unit", 1, units.nfacct_unit, deterministic=True)
         except BaseException as e:
             self.discard()
             if isinstance(e, sqlite3.Error):
@@ -437,7 +441,11 @@ class Store:
         with self._reading():
             cursor = self.db.execute(sql, params)
             names = [d[0] for d in cursor.description]
-            return [_names(dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
+            rows = [_names(dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
+        if by == "unit":  # TEXT or BLOB as its cgroup (units.nfacct_unit)
+            for r in rows:
+                r["unit"] = text.from_sql(r["unit"])
+        return rows
 
 
 def _values(row: dict, columns: tuple[str, ...]) -> tuple:

@@ -103,7 +103,7 @@ NO_UID = -1  # the queue did not say whose socket sent or received the packet
 
 
 class SockInfo:
-    __slots__ = ("closed", "counters", "key", "last_seen", "offload", "state", "task", "uid")
+    __slots__ = ("closed", "counters", "flow", "key", "last_seen", "offload", "state", "task", "uid")
 
     # PENDING: owner being looked up, counting on temporary counters. RESOLVED: counting for
     # `task`. ORPHANED: `task` exited while the socket may live on in another process; the next
@@ -121,6 +121,10 @@ class SockInfo:
     def __init__(self, key: FlowKey, now: float, uid: int = NO_UID):
         self.key = key
         self.counters = new_counters()
+        # The flow's own count, whoever it counts for: (out packets, out bytes, in packets, in
+        # bytes), queued packets and offload readings alike. For `nfacct sockets`; it costs
+        # some 120 bytes a flow (bench/modes.py's 100,000 flows).
+        self.flow = [0, 0, 0, 0]
         self.task: TaskInfo | None = None
         self.state = SockInfo.PENDING
         self.last_seen = now
@@ -369,6 +373,7 @@ class Tables:
                     "closed": si.closed,
                     "uid": si.uid,
                     "offload": si.offload,
+                    "flow": si.flow,
                 }
             )
         return {
@@ -395,6 +400,7 @@ class Tables:
             si = self.add_sock(key, d["last_seen"], d["uid"])
             si.closed = d["closed"]
             si.offload = d["offload"]
+            si.flow = d["flow"]
             si.task = tasks[d["task"]] if d["task"] is not None else None
             if si.task is not None:
                 si.task.socks.add(key)
@@ -413,8 +419,9 @@ class Tables:
 
 # The layout of `export()`. A daemon refuses to take over tables of another format (an upgrade
 # that changes them restarts instead, and the gap is recorded); format 1 was positional lists.
-# 3: unidentified traffic by uid; 4: offloaded flows' credited readings; 5: flows and tasks say their netns
-HANDOVER_FORMAT = 5
+# 3: unidentified traffic by uid; 4: offloaded flows' credited readings; 5: each flow's own count;
+# 6: flows and tasks say their netns
+HANDOVER_FORMAT = 6
 
 
 class HandoverError(Exception):

@@ -2,9 +2,9 @@
 
 A poll is a `Snapshot` (the daemon's `top` and `status` answers). `rows` compares two of them:
 each process's bytes since the previous poll, divided by the time between the daemon's two
-answers, is its rate; processes are grouped by process, command, user, cgroup or network
-namespace, and sorted by
-current rate. `display.top_screen` lays them out for a terminal.
+answers, is its rate; processes are grouped by process, command, user, cgroup, unit (the
+container or systemd unit of the cgroup: `units`) or network namespace, and sorted by current
+rate. `display.top_screen` lays them out for a terminal.
 
 A process appears in the daemon's table at its first packet and leaves it after its exit, once
 written to the database and its flows are collected (the GC cycle, 15 s by default). One that
@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from . import units
 from .tables import COUNTER_NAMES
 
-GROUPINGS = ("process", "command", "user", "cgroup", "netns")
-# s: the systemd service or slice; n: the network namespace
-KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup", "n": "netns"}
+GROUPINGS = ("process", "command", "user", "cgroup", "unit", "netns")
+# s: the cgroup (systemd service or slice); t: its unit or container (nfacct.units); n: the network namespace
+KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup", "t": "unit", "n": "netns"}
 OWN_NETNS = "(own)"  # how the daemon's own namespace is shown
 EXITED_NOW = "X"  # exited since the previous poll
 EXITED_BEFORE = "x"  # exited earlier, still in the daemon's table
@@ -47,8 +48,9 @@ class Snapshot:
 class Row:
     """One line of the table: a process, or a group of processes."""
 
-    label: str  # command, user name or cgroup path, as the daemon gave it (escaped when shown)
+    label: str  # command, user name, cgroup path or unit, as the daemon gave it (escaped when shown)
     pid: int | None = None  # the process grouping only
+    unit: str = ""  # the process grouping only: units.shown
     user: str = ""  # the process grouping only
     cmdline: str = ""  # the process grouping only
     processes: int = 0
@@ -76,6 +78,8 @@ def _label(task: dict, by: str, user_name: Callable[[int], str]) -> str:
         return user_name(task["uid"])
     if by == "cgroup":
         return task["cgroup"] or "(unknown cgroup)"
+    if by == "unit":
+        return units.shown(task["cgroup"])
     if by == "netns":
         return task.get("netns") or OWN_NETNS
     return task["comm"]
@@ -101,6 +105,7 @@ def rows(prev: Snapshot | None, cur: Snapshot, by: str, user_name: Callable[[int
             states[gkey] = []
             if by == "process":
                 row.pid, row.user, row.cmdline = task["pid"], user_name(task["uid"]), task["cmdline"]
+                row.unit = units.shown(task["cgroup"])
         row.processes += 1
         row.sent += _bytes(task, SEND)
         row.received += _bytes(task, RECV)

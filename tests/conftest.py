@@ -42,14 +42,21 @@ def need_root() -> None:
         pytest.skip(ROOT_ONLY)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="also run the long soaks (`make soak`)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "root: the test needs root, and is skipped without it")
+    config.addinivalue_line("markers", "soak: a long soak, run only with --soak (`make soak`)")
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
     """Without root, a test marked `root`, or whose fixtures make a Lab (in any test module),
-    is skipped, not failed."""
+    is skipped, not failed. A soak runs only with --soak."""
+    if item.get_closest_marker("soak") and not item.config.getoption("--soak"):
+        pytest.skip("a long soak: `make soak` runs it")
     if item.get_closest_marker("root"):
         need_root()
     try:
@@ -127,6 +134,25 @@ def udp_out(sport: int) -> tuple[bytes, tuple]:
 
 def facts(pid: int) -> ProcessFacts:
     return ProcessFacts(pid, 1000.0 + pid, f"p{pid}", f"p{pid}", 0, "")
+
+
+def cgroup2() -> tuple[str, str]:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+    hybrid host) and the path its root has in /proc/PID/cgroup; skips the test if there is none."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    found = [(m[4], m[3]) for m in mounts if m[m.index("-") + 1] == "cgroup2"]
+    if not found:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    return found[0]
+
+
+def own_cgroup(pid: int | str = "self") -> str:
+    """The cgroup v2 path of a process, as the daemon reads it."""
+    with open(f"/proc/{pid}/cgroup", "rb") as f:
+        return next(line[3:].rstrip(b"\n") for line in f if line.startswith(b"0::")).decode(
+            "utf-8", "surrogateescape"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -62,23 +62,23 @@ def task(pid: int, comm: str, counts: list[int], uid: int = 0, cgroup: str = "/a
 def test_the_fold_sums_processes_keeps_the_exited_and_follows_an_exec():
     agg = Aggregates()
     agg.fold([task(1, "curl", [1, 100, 2, 200, 0, 0, 0, 0]), task(2, "curl", [3, 300, 0, 0, 0, 0, 0, 0])])
-    assert agg.totals == {("curl", "0", "/a"): [4, 400, 2, 200, 0, 0, 0, 0]}
+    assert agg.totals == {("curl", "0", "/a", ""): [4, 400, 2, 200, 0, 0, 0, 0]}
     # pid 1 goes on; pid 2 exited and the GC dropped it; pid 3 appears; pid 1 exec'd into wget
     agg.fold([task(1, "wget", [5, 500, 2, 200, 1, 50, 0, 0]), task(3, "curl", [0, 0, 0, 0, 0, 0, 7, 70])])
     assert agg.totals == {
-        ("curl", "0", "/a"): [4, 400, 2, 200, 0, 0, 7, 70],
-        ("wget", "0", "/a"): [4, 400, 0, 0, 1, 50, 0, 0],
+        ("curl", "0", "/a", ""): [4, 400, 2, 200, 0, 0, 7, 70],
+        ("wget", "0", "/a", ""): [4, 400, 0, 0, 1, 50, 0, 0],
     }
     # a new process with a reused pid (another btime) counts from zero
     agg.fold([task(1, "wget", [5, 500, 2, 200, 1, 50, 0, 0]) | {"btime": 999.0}])
-    assert agg.totals[("wget", "0", "/a")] == [9, 900, 2, 200, 2, 100, 0, 0]
+    assert agg.totals[("wget", "0", "/a", "")] == [9, 900, 2, 200, 2, 100, 0, 0]
 
 
 def test_tasks_the_daemon_starts_with_count_from_then():
     agg = Aggregates()
     agg.baseline([task(1, "sshd", [10, 1000, 10, 1000, 0, 0, 0, 0])])
     agg.fold([task(1, "sshd", [12, 1200, 10, 1000, 0, 0, 0, 0])])
-    assert agg.totals == {("sshd", "0", "/a"): [2, 200, 0, 0, 0, 0, 0, 0]}
+    assert agg.totals == {("sshd", "0", "/a", ""): [2, 200, 0, 0, 0, 0, 0, 0]}
 
 
 def test_label_sets_beyond_the_limit_count_together():
@@ -86,9 +86,28 @@ def test_label_sets_beyond_the_limit_count_together():
     agg.fold([task(p, f"c{p}", [p, 10 * p, 0, 0, 0, 0, 0, 0]) for p in (1, 2, 3, 4)])
     agg.fold([task(p, f"c{p}", [2 * p, 20 * p, 0, 0, 0, 0, 0, 0]) for p in (1, 2, 3, 4)])
     assert agg.totals == {
-        ("c1", "0", "/a"): [2, 20, 0, 0, 0, 0, 0, 0],
-        ("c2", "0", "/a"): [4, 40, 0, 0, 0, 0, 0, 0],
-        (OVER_LIMIT, OVER_LIMIT, OVER_LIMIT): [14, 140, 0, 0, 0, 0, 0, 0],
+        ("c1", "0", "/a", ""): [2, 20, 0, 0, 0, 0, 0, 0],
+        ("c2", "0", "/a", ""): [4, 40, 0, 0, 0, 0, 0, 0],
+        (OVER_LIMIT,) * 4: [14, 140, 0, 0, 0, 0, 0, 0],
+    }
+
+
+def test_the_unit_label_follows_the_cgroup_and_adds_no_label_set():
+    docker = "/system.slice/docker-" + "c0" * 32 + ".scope"
+    agg = Aggregates(limit=3)
+    agg.fold(
+        [
+            task(1, "nginx", [1, 10, 0, 0, 0, 0, 0, 0], cgroup="/system.slice/nginx.service"),
+            task(2, "curl", [2, 20, 0, 0, 0, 0, 0, 0], cgroup=docker),
+            task(3, "curl", [3, 30, 0, 0, 0, 0, 0, 0], cgroup=docker + "/init.scope"),
+            task(4, "sh", [4, 40, 0, 0, 0, 0, 0, 0], cgroup="/"),
+        ]
+    )
+    assert agg.totals == {
+        ("nginx", "0", "/system.slice/nginx.service", "nginx.service"): [1, 10, 0, 0, 0, 0, 0, 0],
+        ("curl", "0", docker, "docker:c0c0c0c0c0c0"): [2, 20, 0, 0, 0, 0, 0, 0],
+        ("curl", "0", docker + "/init.scope", "docker:c0c0c0c0c0c0"): [3, 30, 0, 0, 0, 0, 0, 0],
+        (OVER_LIMIT,) * 4: [4, 40, 0, 0, 0, 0, 0, 0],  # the limit holds, unit included
     }
 
 
@@ -102,7 +121,7 @@ def render(totals: dict) -> bytes:
 def test_hostile_names_come_out_as_valid_escaped_labels():
     agg = Aggregates()
     names = [HOSTILE, b"\xe2\x80\xaeevil", b"ok-\xc3\xa9"]  # bytes, a bidi override, valid UTF-8
-    cgroup = b"/user.slice/\xfe\x07"
+    cgroup = b"/user.slice/\xfe\x07.service"
     agg.fold(
         [
             task(
@@ -117,17 +136,14 @@ def test_hostile_names_come_out_as_valid_escaped_labels():
     )
     body = render(agg.totals).decode("utf-8")  # strict: fails on anything that is not UTF-8
     series = {
-        (s.labels["command"], s.labels["cgroup"]): s.value
+        (s.labels["command"], s.labels["cgroup"], s.labels["unit"]): s.value
         for family in text_string_to_metric_families(body)
         if family.name == "nfacct_bytes"
         for s in family.samples
         if s.labels["proto"] == "tcp" and s.labels["direction"] == "snd"
     }
-    assert series == {
-        (HOSTILE_LABEL, "/user.slice/\\xfe\\x07"): 1.0,
-        ("\\u202eevil", "/user.slice/\\xfe\\x07"): 2.0,
-        ("ok-é", "/user.slice/\\xfe\\x07"): 3.0,
-    }
+    where = ("/user.slice/\\xfe\\x07.service", "\\xfe\\x07.service")
+    assert series == {(HOSTILE_LABEL, *where): 1.0, ("\\u202eevil", *where): 2.0, ("ok-é", *where): 3.0}
 
 
 # ---- the address and the endpoint ------------------------------------------------------------

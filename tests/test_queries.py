@@ -18,19 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import exited_rows, need_root, until
+from conftest import cgroup2, exited_rows, need_root, own_cgroup, until
 
 from lab.daemon import Daemon
 from lab.hosts import PEER_V4, Counters, Lab
 from nfacct.display import human_bytes
 from nfacct.rules import Rules
 from nfacct.store import DEFAULT_DB
+from nfacct.units import unit
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "queries.md"
 PID_IN_DOC = "20297"  # the doc's example pid, replaced by the real one
 NOBODY = 65534
 HTTP, UDP, GAP = 18080, 18081, 18082
 GAP_DATAGRAMS = 7
+UNIT = "fetch.service"  # the curls' cgroup's last component
 
 
 @dataclass
@@ -107,15 +109,13 @@ def tabulate_rows(out: str) -> list[dict[str, str]]:
 def cgroup():
     """A cgroup v2 directory of our own: (its cgroup.procs, its path as the daemon sees it)."""
     need_root()
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    found = [(m[4], m[3]) for m in mounts if m[m.index("-") + 1] == "cgroup2"]
-    if not found:
-        pytest.skip("no cgroup v2 hierarchy mounted")
-    mountpoint, root = found[0]
+    mountpoint, root = cgroup2()
+    # A systemd unit's name under a directory of ours: `--by unit` finds `fetch.service`.
     name = f"nfacct-queries-{os.getpid()}"
     os.mkdir(f"{mountpoint}/{name}")
-    yield f"{mountpoint}/{name}/cgroup.procs", f"{root.rstrip('/')}/{name}"
+    os.mkdir(f"{mountpoint}/{name}/{UNIT}")
+    yield f"{mountpoint}/{name}/{UNIT}/cgroup.procs", f"{root.rstrip('/')}/{name}/{UNIT}"
+    os.rmdir(f"{mountpoint}/{name}/{UNIT}")
     os.rmdir(f"{mountpoint}/{name}")
 
 
@@ -209,9 +209,7 @@ def world(cgroup, tmp_path_factory) -> World:
     )
     socat["udpsndpacks"], socat["udpsndbytes"] = read["socat-snd"]
     assert socat["udpsndpacks"] == 8 and read["gap"][0] == GAP_DATAGRAMS  # as sent
-    with open("/proc/self/cgroup") as f:
-        own_cgroup = next(line[3:].strip() for line in f if line.startswith("0::"))
-    return World(daemon.db, curl, socat, sender.pid, read["gap"][0], cgroup[1], own_cgroup)
+    return World(daemon.db, curl, socat, sender.pid, read["gap"][0], cgroup[1], own_cgroup())
 
 
 def run(command: Command, world: World) -> str:
@@ -269,6 +267,13 @@ def by_cgroup(program: str, out: str, w: World) -> None:
     check_groups(program, out, {w.curl_cgroup: (3, w.curl), w.own_cgroup: (1, w.socat)}, "cgroup")
 
 
+def by_unit(program: str, out: str, w: World) -> None:
+    # socat's cgroup is ours: no unit here ("-" in nfacct's table, "" from SQL), or the unit of
+    # the cgroup the tests run in (a CI job's session scope or service)
+    own = unit(w.own_cgroup) or ("-" if program == "nfacct" else "")
+    check_groups(program, out, {UNIT: (3, w.curl), own: (1, w.socat)}, "unit")
+
+
 def one_process(program: str, out: str, w: World) -> None:
     if program == "nfacct":
         check_groups(program, out, {str(w.socat_pid): (1, w.socat)}, "pid")
@@ -297,6 +302,7 @@ CHECKS = {
     "by-command": by_command,
     "by-user": by_user,
     "by-cgroup": by_cgroup,
+    "by-unit": by_unit,
     "one-process": one_process,
     "gaps": gaps,
 }

@@ -1,7 +1,7 @@
 """`nfacct sockets` against the real kernel: processes set options on their own sockets (TCP and
 UDP, IPv4 and IPv6, listening and connected) and say what their own getsockopt reads
 (tests/socket_owner.py); nfacct must report exactly that. knetstat's diagnostics come from real
-stuck connections, counters from a real daemon equal the flow sets' elements as `nft` lists them,
+stuck connections, counters from a real daemon equal nft counter rules for the same ports,
 an exited process's sockets are gone, and a user other than root gets one clear line.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import PROFILE, SYSTEM_PYTHON, until
+from conftest import PROFILE, SYSTEM_PYTHON, count_port, kernel, until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -299,34 +299,23 @@ def test_knetstat_diagnostics_of_stuck_connections(lab, port, procs):
 # ---- counters from a running daemon -------------------------------------------------------
 
 
-def elements(lab, port: int) -> dict[str, int]:
-    """The flow sets' counters of the flows with `port` at either end, as `nft -j` lists them:
-    outgoing (sets out4, out6) and incoming, shaped like `nfacct sockets`' counters."""
-    listing = json.loads(lab.run(lab.acct, ["nft", "-j", "list", "table", "inet", "nfacct"]).stdout)
-    total = {"flows": 0, "out_packets": 0, "out_bytes": 0, "in_packets": 0, "in_bytes": 0}
-    for item in listing["nftables"]:
-        s = item.get("set")
-        for el in s.get("elem", []) if s else []:
-            if port in el["elem"]["val"]["concat"][2::2]:
-                direction = s["name"][:-1].rstrip("4")
-                total["flows"] += direction == "out"
-                total[f"{direction}_packets"] += el["elem"]["counter"]["packets"]
-                total[f"{direction}_bytes"] += el["elem"]["counter"]["bytes"]
-    return total
-
-
-def test_counters_of_a_running_daemon_are_its_flow_sets_counts(lab, rules, port, procs, tmp_path):
+@pytest.mark.parametrize("mode", ["offload", "queue"])
+def test_counters_of_a_running_daemon_are_each_flows_whole_count(
+    lab, rules, counters, port, procs, tmp_path, mode
+):
     echo, sport, udp = port(), port(), port()
+    count_port(counters, "tcp", sport)
+    count_port(counters, "udp", udp)
     server = lab.role(lab.peer, "echo-server", "--bind", "::", "--port", str(echo))
     procs.append(server)
     server.stdout.readline()
     udp_server = lab.role(lab.acct, "echo-server", "--proto", "udp", "--port", str(udp))
     procs.append(udp_server)
     udp_server.stdout.readline()
-    d = Daemon(lab.acct, tmp_path)
+    d = Daemon(lab.acct, tmp_path, "--mode", mode)
     try:
-        # A TCP connection that stays open (its elements go when it closes), and two flows to one
-        # unconnected UDP socket, each from a port of its own.
+        # A TCP connection that stays open, and two flows to one unconnected UDP socket, each
+        # from a port of its own.
         argv = ["holder", "--proto", "tcp", "--connect", PEER_V4, "--port", str(echo), "--sport", str(sport)]
         client = lab.role(lab.acct, *argv, "--size", "20000")
         procs.append(client)
@@ -338,19 +327,28 @@ def test_counters_of_a_running_daemon_are_its_flow_sets_counts(lab, rules, port,
         for _ in range(2):
             lab.run(lab.peer, [*sender, "--count", "20", "--rate", "100"])
 
-        def counters(local: int) -> dict | None:
+        def ours(local: int) -> dict | None:
             # No --control: the daemon accounting the namespace is found by its claim.
             found = [r for r in listing(lab.acct) if r["local_port"] == local and r["state"] != "LISTEN"]
             return found[0]["counters"] if len(found) == 1 else None
 
-        for local, flows in ((sport, 1), (udp, 2)):
-            kernel = elements(lab, local)
-            assert kernel["flows"] == flows and kernel["out_packets"] > 0, "the flows were offloaded"
+        def truth(proto: str, local: int, flows: int) -> dict[str, int]:
+            k = kernel(counters, proto, local)
+            return {
+                "flows": flows,
+                "out_packets": k[f"{proto}sndpacks"],
+                "out_bytes": k[f"{proto}sndbytes"],
+                "in_packets": k[f"{proto}rcvpacks"],
+                "in_bytes": k[f"{proto}rcvbytes"],
+            }
+
+        for proto, local, flows in (("tcp", sport, 1), ("udp", udp, 2)):
+            assert truth(proto, local, flows)["out_packets"] > 20
             # Both read again each time: a late ACK may still move them between the two readings.
-            assert until(lambda local=local: counters(local) == elements(lab, local), True), local
+            assert until(lambda p=proto, lo=local, f=flows: ours(lo) == truth(p, lo, f), True), local
         table = nfacct("--netns", lab.acct).stdout.decode()
         assert table.splitlines()[0].split()[-3:] == ["Sent", "Received", "Options"]
-        c = counters(sport)
+        c = ours(sport)
         assert row(table, f"{ACCT_V4}:{sport}").split()[7].startswith(f"{c['out_packets']}/")
         wrong = nfacct("--netns", lab.acct, "--control", str(tmp_path / "nobody.sock"))
         assert wrong.returncode == 1 and wrong.stderr.decode().count("\n") == 1
@@ -524,7 +522,7 @@ def test_flows_go_to_the_socket_that_receives_them():
     assert ambiguous == 1
 
 
-def test_the_daemons_answer_carries_each_offloaded_flow_and_its_reading():
+def test_the_daemons_answer_carries_each_flow_and_its_count():
     key = (17, bytes([10, 0, 0, 1]), 53, bytes([10, 0, 0, 2]), 7, None)  # the engine's key: flow, netns
     answer = json.loads(json.dumps(sockview.flows_answer({key: [1, 2, 3, 4]})))
     assert answer == {"flows": [[17, "0a000001", 53, "0a000002", 7, 1, 2, 3, 4]]}

@@ -97,6 +97,27 @@ def test_groups_add_up_their_processes():
     assert by_cgroup == [("/a", 1), ("/b", 2)]
 
 
+def test_units_group_their_cgroups_and_none_is_a_dash():
+    docker = "/system.slice/docker-" + "ab" * 32 + ".scope"
+    cur = snap(
+        1.0,
+        task(1, cgroup=docker, tcpsndbytes=5),
+        task(2, cgroup=docker + "/init.scope", udprcvbytes=7),  # systemd inside the container
+        task(3, cgroup="/system.slice/nginx.service", tcprcvbytes=100),
+        task(4, cgroup="/", tcpsndbytes=1),
+        task(5, cgroup="", tcpsndbytes=1),  # unknown
+    )
+    by_unit = [(r.label, r.processes, r.sent, r.received) for r in rows(None, cur, "unit")]
+    assert by_unit == [("nginx.service", 1, 0, 100), ("docker:abababababab", 2, 5, 7), ("-", 2, 2, 0)]
+    assert [r.unit for r in rows(None, cur, "process")] == [
+        "nginx.service",
+        "docker:abababababab",
+        "docker:abababababab",
+        "-",
+        "-",
+    ]
+
+
 def test_exits_are_marked_in_the_interval_they_happened():
     prev = snap(
         100.0,
@@ -138,8 +159,10 @@ def test_health_is_the_engines_figures():
 def test_keys_switch_the_grouping_and_q_quits():
     assert regroup("process", "u") == ("user", False)
     assert regroup("process", "s") == ("cgroup", False)
-    assert regroup("cgroup", "g") == ("netns", False)
+    assert regroup("cgroup", "g") == ("unit", False)
+    assert regroup("unit", "g") == ("netns", False)
     assert regroup("netns", "g") == ("process", False)
+    assert regroup("process", "t") == ("unit", False)
     assert regroup("process", "n") == ("netns", False)
     assert regroup("process", "\t\t") == ("user", False)
     assert regroup("user", "xq") == ("user", True)
@@ -150,13 +173,14 @@ def test_keys_switch_the_grouping_and_q_quits():
 
 HOSTILE = "\x1b[2J\x1b]0;pwned\x07" + "\udcff" * 3 + "[bold]x" * 10  # clears, retitles, not UTF-8, markup
 LONG_CGROUP = "/user.slice/user-1000.slice/user@1000.service/app.slice/app-gnome-org.Terminal-4242.scope"
+HOSTILE_CGROUP = "/user.slice/" + HOSTILE.replace("[bold]x" * 10, "") + ".service"
 
 
-def render(by: str, width: int = 80, height: int | None = 24) -> list[str]:
-    prev = snap(100.0, task(41, comm=HOSTILE, cgroup=LONG_CGROUP, uid=1000))
+def render(by: str, width: int = 80, height: int | None = 24, cgroup: str = LONG_CGROUP) -> list[str]:
+    prev = snap(100.0, task(41, comm=HOSTILE, cgroup=cgroup, uid=1000))
     cur = snap(
         102.0,
-        task(41, comm=HOSTILE, cgroup=LONG_CGROUP, uid=1000, tcpsndbytes=3 * 1024**3, tcprcvbytes=2**20),
+        task(41, comm=HOSTILE, cgroup=cgroup, uid=1000, tcpsndbytes=3 * 1024**3, tcprcvbytes=2**20),
         *(task(1000 + i, comm=f"worker{i}", udpsndbytes=i) for i in range(40)),
     )
     out = io.StringIO()
@@ -165,9 +189,9 @@ def render(by: str, width: int = 80, height: int | None = 24) -> list[str]:
     return out.getvalue().splitlines()
 
 
-@pytest.mark.parametrize("by", ["process", "command", "user", "cgroup"])
+@pytest.mark.parametrize("by", ["process", "command", "user", "cgroup", "unit"])
 def test_the_screen_fits_80x24_with_hostile_names_escaped(by):
-    lines = render(by)
+    lines = render(by, cgroup=HOSTILE_CGROUP if by == "unit" else LONG_CGROUP)
     assert len(lines) <= 24
     assert max(len(line) for line in lines) <= 80
     screen = "\n".join(lines)
@@ -179,19 +203,27 @@ def test_the_screen_fits_80x24_with_hostile_names_escaped(by):
     assert fastest[-4:] == ["1.5G/s", "512.0K/s", "3.0G", "1.0M"]
     if by == "cgroup":
         assert fastest[-6].endswith("Terminal-4242.scope")  # the unit stays visible
-    if by in ("process", "command", "user"):
+    if by in ("process", "command", "user", "unit"):
         assert "\\x1b[2J\\x1b]0;pw" in lines[4]  # escaped, never interpreted
     if by in ("process", "command"):
         assert "more (a taller terminal shows them)" in screen
 
 
-def test_a_wide_terminal_shows_command_lines():
-    lines = render("process", width=140, height=None)
-    assert lines[3].split()[-1] == "CMDLINE"
+def test_a_wide_terminal_shows_command_lines_and_from_140_columns_units():
+    lines = render("process", width=120, height=None)
+    assert lines[3].split()[3:] == ["COMMAND", "SEND/s", "RECV/s", "SENT", "RECEIVED", "CMDLINE"]
     # The whole command line, escaped and not read as markup, to the last column.
-    assert lines[4].endswith("  \\x1b[2J\\x1b]0;pwned\\x07\\xff\\xff\\xff[bold]x[bold]x[bold]x[b…")
-    assert len(lines[4]) == 140
+    assert lines[4].endswith("  \\x1b[2J\\x1b]0;pwned\\x07\\xff\\xff\\xff[bo…")
+    assert len(lines[4]) == 120
     assert len(lines) == 4 + 41  # no height: every row
+    lines = render("process", width=140, height=None)
+    assert lines[3].split()[3:5] == ["COMMAND", "UNIT"]
+    assert lines[3].split()[-1] == "CMDLINE"
+    assert lines[4][38:60] == "  app-gnome-org.Termi…"  # the unit, cut to its 20 columns
+    assert lines[4].endswith("  \\x1b[2J\\x1b]0;pwned\\x07\\xff\\xff\\xff[…")  # 37 columns
+    assert len(lines[4]) == 140
+    unit_view = render("process", width=140, height=None, cgroup=HOSTILE_CGROUP)
+    assert unit_view[4][38:60] == "  \\x1b[2J\\x1b]0;pwned…"  # escaped as every name
 
 
 # ---- the real thing in tmux ------------------------------------------------------------------------
