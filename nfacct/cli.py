@@ -18,7 +18,7 @@ from datetime import datetime
 from . import __version__, atop, control, text, units
 from .atop import AtopError
 from .control import ControlError
-from .netns import NetnsError
+from .netns import NetnsError, NoSuchNetns
 from .queue import QUEUE_MAXLEN, QueueError
 from .rules import DEFAULT_QUEUE, FLOW_SET_SIZE, OFFLOAD_MARK, Rules, RulesError
 from .scrape import ScrapeError, parse_address
@@ -146,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("show", "show the active backend and rules"),
     ):
         a = rsub.add_parser(name, help=help_text)
-        a.add_argument("--netns", metavar="NS", help="named network namespace (default: the current one)")
+        a.add_argument(
+            "--netns",
+            action="append",
+            metavar="NS",
+            help="named network namespace (default: the current one); repeat it for several",
+        )
         if name == "install":
             a.add_argument("--queue", type=queue_number, default=DEFAULT_QUEUE, metavar="N")
             a.add_argument("--backend", choices=("auto", "nft", "iptables-nft"), default="auto")
@@ -163,7 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--json", action="store_true")
 
     run = sub.add_parser("run", help="run the accounting service in the foreground")
-    run.add_argument("--netns", metavar="NS", help="account this named network namespace")
+    run.add_argument(
+        "--netns",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="account this named network namespace; repeat it for several. A shell pattern ('ct-*')"
+        " names every namespace it matches that has the nfacct rules installed, now and at each"
+        " reload (see docs/namespaces.md)",
+    )
     run.add_argument("--queue", type=queue_number, default=DEFAULT_QUEUE, metavar="N")
     run.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
     run.add_argument(
@@ -298,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon to take counters from (default: the one accounting the namespace, if any)",
     )
 
+    reload = sub.add_parser(
+        "reload",
+        help="account namespaces added since the daemon started (as SIGHUP does); see docs/namespaces.md",
+    )
+    reload.add_argument("--netns", metavar="NS", help="account this named namespace from now on")
+    reload.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
+
     status = sub.add_parser("status", help="engine and kernel queue counters")
     status.add_argument("--control", type=control_path, default=control.DEFAULT_CONTROL, metavar="PATH")
     status.add_argument("--json", action="store_true")
@@ -305,22 +325,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    rules = Rules(args.netns)
-    if args.action == "install":
-        backend = rules.install(args.queue, args.backend, args.offload_mark)
-        print(f"installed queue {args.queue} rules with backend {backend}")
-    elif args.action == "remove":
-        rules.remove()
-        print("removed nfacct rules")
-    else:
-        state = rules.show()
-        if args.json:
-            print(json.dumps(state.as_dict(), indent=2))
+    names = args.netns or [None]
+    every = [Rules(name) for name in names]  # every name checked before anything changes
+    for name, rules in zip(names, every, strict=True):
+        where = f" in network namespace {name}" if len(names) > 1 else ""
+        if args.action == "install":
+            backend = rules.install(args.queue, args.backend, args.offload_mark)
+            print(f"installed queue {args.queue} rules with backend {backend}{where}")
+        elif args.action == "remove":
+            rules.remove()
+            print(f"removed nfacct rules{where}")
         else:
-            native = "yes" if state.native_queue_supported else "no (falls back to iptables-nft)"
-            print(f"backend: {state.backend}\nqueue: {state.queue}\nnative nft queue supported: {native}")
-            print(state.ruleset, end="")
+            show_rules(rules, args.json, where)
     return 0
+
+
+def show_rules(rules: Rules, as_json: bool, where: str) -> None:
+    state = rules.show()
+    if as_json:
+        print(json.dumps(state.as_dict(), indent=2))
+        return
+    if where:
+        print(f"#{where}")
+    native = "yes" if state.native_queue_supported else "no (falls back to iptables-nft)"
+    print(f"backend: {state.backend}\nqueue: {state.queue}\nnative nft queue supported: {native}")
+    print(state.ruleset, end="")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -339,7 +368,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.atop_socket is not None:
         atop.check_usable(args.atop_socket)  # now: a takeover's predecessor is gone when it is made
     config = ServiceConfig(
-        netns=args.netns,
+        netns=tuple(args.netns),
         queue=args.queue,
         control_path=args.control,
         db_path=args.db,
@@ -365,6 +394,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return HANDED_OVER if service.handed_over else 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    answer = control.request(args.control, f"reload {args.netns}" if args.netns else "reload")
+    added = ", ".join(answer["added"]) or "none"
+    accounted = ", ".join(n or "(own)" for n in answer["accounted"]) or "none"
+    print(f"added: {added}; accounting: {accounted}")
+    for name, why in answer["refused"].items():
+        print(f"nfacct: error: cannot account {name}: {why}", file=sys.stderr)
+    return 1 if answer["refused"] else 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from . import display
 
@@ -377,7 +416,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))  # ASCII: undecodable bytes as \udcXX (see nfacct.text)
     elif args.csv:
-        write_csv(rows, [args.by, "processes", *COUNTER_NAMES])
+        named = args.by != "netns" and display.several_namespaces(rows)
+        write_csv(rows, [args.by, "processes", *COUNTER_NAMES, *(["netns"] if named else [])])
     else:
         display.print_history(rows, args.by, unaccounted)
     return 0
@@ -387,7 +427,7 @@ def write_csv(rows: list[dict], fields: list[str]) -> None:
     """CSV of `rows`: the exact bytes of every name for a pipe or a file, escaped for a
     terminal, which would otherwise act on a hostile command line's escape sequences."""
     out = io.StringIO(newline="")
-    writer = csv.DictWriter(out, fieldnames=fields)
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     if sys.stdout.isatty():
         rows = [{k: text.escape(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
@@ -449,6 +489,7 @@ COMMANDS = {
     "status": cmd_status,
     "history": cmd_history,
     "sockets": cmd_sockets,
+    "reload": cmd_reload,
 }
 
 
@@ -456,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except NoSuchNetns as e:  # a mistake on the command line, as argparse's own are: status 2
+        print(f"nfacct: error: {e}", file=sys.stderr)
+        return 2
     except EXPECTED_ERRORS as e:
         print(f"nfacct: error: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,9 @@ QUEUE_FULL = "queue full or socket buffer overrun (fail-open)"
 NOT_COUNTING = "no daemon counting (stopped, restarting or killed)"
 RULES_RESET = "ruleset reinstalled (counter restarted); at least this many"
 STALLED = "daemon stalled (stopped or stuck): the guard let them pass unseen"
+# The namespace's name went away and its counting rule could not be read a last time: the packets
+# it counted after the last checkpoint without the daemon seeing them are not known (0 recorded).
+NETNS_GONE = "network namespace gone; its counting rule could not be read again: unseen packets since unknown"
 
 
 @dataclass

@@ -37,12 +37,22 @@ def default_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=140)
 
 
+def several_namespaces(rows: list[dict]) -> bool:
+    """Rows of more than one namespace: tables show a NETNS column (one namespace's look as
+    they always did). A history group may name several, comma-separated (`Store.history`)."""
+    names = {n for r in rows for n in (r.get("netns") or "").split(",")}
+    return len(names) > 1
+
+
 def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
     console = console or default_console()
     table = Table(title="nfacct: per-process traffic (packets/bytes)")
     table.add_column("PID", justify="right", no_wrap=True)
     table.add_column("COMMAND", no_wrap=True)
     table.add_column("UID", justify="right", no_wrap=True)
+    named = several_namespaces(tasks)
+    if named:
+        table.add_column("NETNS", no_wrap=True)
     for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("CMDLINE", no_wrap=True, overflow="ellipsis", max_width=50)
@@ -52,7 +62,8 @@ def print_tasks(tasks: list[dict], console: Console | None = None) -> None:
             for proto in ("tcp", "udp")
             for d in ("snd", "rcv")
         ]
-        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *cells, safe(t["cmdline"]))
+        where = [safe(t.get("netns") or topview.OWN_NETNS)] if named else []
+        table.add_row(str(t["pid"]), safe(t["comm"]), str(t["uid"]), *where, *cells, safe(t["cmdline"]))
     console.print(table)
 
 
@@ -96,6 +107,17 @@ def print_status(status: dict, console: Console | None = None) -> None:
         table.add_row("passed unaccounted", str(cov["unaccounted"]))
     else:
         table.add_row("unaccounted packets", f"unknown: {safe(str(cov.get('rules')))}")
+    spaces = status.get("namespaces", [])
+    if len(spaces) > 1:  # the rows above are the first's queue, offload and coverage; each one's:
+        for ns in spaces:
+            q, off, cov = ns["queue"], ns["offload"], ns["coverage"]
+            flows = f", {off['flows']} flows in the kernel" if "flows" in off else ""
+            lost = cov.get("unaccounted", "unknown")
+            table.add_row(
+                f"netns {safe(ns['name'] or topview.OWN_NETNS)}",
+                f"queue {q.get('number')}: {q.get('received', 0)} pk read, {q.get('missed', '?')} missed;"
+                f" {safe(str(off.get('mode')))}{flows}; unaccounted {lost}",
+            )
     console.print(table)
 
 
@@ -105,6 +127,9 @@ def print_history(
     console = console or default_console()
     table = Table(title=f"nfacct history: exited processes by {by} (packets/bytes)")
     table.add_column(by.upper(), no_wrap=True)
+    named = by != "netns" and several_namespaces(rows)
+    if named:
+        table.add_column("NETNS", no_wrap=True)
     table.add_column("PROCESSES", justify="right")
     for name in ("TCP SND", "TCP RCV", "UDP SND", "UDP RCV"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -114,8 +139,14 @@ def print_history(
             for proto in ("tcp", "udp")
             for d in ("snd", "rcv")
         ]
-        label = str(r[by]) if by != "unit" else r[by] or units.NONE
-        table.add_row(safe(label), str(r["processes"]), *cells)
+        where = [safe(r["netns"] or topview.OWN_NETNS)] if named else []
+        if by == "unit":
+            label = r[by] or units.NONE
+        elif by == "netns":
+            label = r[by] or topview.OWN_NETNS
+        else:
+            label = str(r[by])
+        table.add_row(safe(label), *where, str(r["processes"]), *cells)
     packets, gaps = unaccounted
     if packets:
         table.caption = f"{packets} packets passed unaccounted in {gaps} gaps (table `unaccounted`)"
@@ -226,7 +257,7 @@ def top_screen(
     found = topview.rows(prev, cur, by, user_name)
     limit = None if height is None else height - HEADER_LINES - (problem is not None)
     legend = Text(
-        f"keys g/p/c/u/s/t group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
+        f"keys g/p/c/u/s/t/n group, q quit   S: {topview.EXITED_NOW} exited since the last poll,"
         f" {topview.EXITED_BEFORE} before",
         style="dim",
     )

@@ -58,10 +58,11 @@ class Engine:
         now: float | None = None,
         length: int | None = None,
         uid: int = NO_UID,
+        netns: str | None = None,
     ) -> bool:
-        """Count one packet (`length`: its real length, if known; see `packet.parse`); True when
-        it made its flow's owner be looked up (a new flow, or a flow whose socket may have
-        changed hands)."""
+        """Count one packet of namespace `netns` (`length`: its real length, if known; see
+        `packet.parse`); True when it made its flow's owner be looked up (a new flow, or a flow
+        whose socket may have changed hands)."""
         self.packets += 1
         p = parse(data, length)
         if type(p) is Malformed:
@@ -87,9 +88,9 @@ class Engine:
                     return False
                 sport, dport = ports
         if outgoing:
-            key = (proto, p.src, sport, p.dst, dport)
+            key = (proto, p.src, sport, p.dst, dport, netns)
         else:
-            key = (proto, p.dst, dport, p.src, sport)
+            key = (proto, p.dst, dport, p.src, sport, netns)
         tables = self.tables
         si = tables.socks.get(key)
         if now is None:
@@ -139,7 +140,11 @@ class Engine:
             f = answer.facts
             if answer.via_listener and si.state != SockInfo.PENDING:
                 f = None  # a re-check: late packets of a closed socket stay with its exited owner
-            task = None if f is None else tables.task(f.pid, f.btime, f.comm, f.cmdline, f.uid, f.cgroup)
+            task = (
+                None
+                if f is None
+                else tables.task(f.pid, f.btime, f.comm, f.cmdline, f.uid, f.cgroup, answer.key[5])
+            )
             if task is None:
                 si.give_up(tables.unidentified_for(si.uid))
             else:
@@ -290,11 +295,26 @@ class Engine:
     def running_tasks(self) -> list[TaskInfo]:
         return list(self.tables.running.values())
 
-    def socket_closed(self, proto: int, local: bytes, lport: int, remote: bytes, rport: int) -> None:
-        self.tables.closed(proto, local, lport, remote, rport)
+    def socket_closed(
+        self, netns: str | None, proto: int, local: bytes, lport: int, remote: bytes, rport: int
+    ) -> None:
+        self.tables.closed(netns, proto, local, lport, remote, rport)
 
-    def close_all_but(self, live: set[tuple[int, int]]) -> None:
-        self.tables.close_all_but(live)
+    def close_all_but(self, netns: str | None, live: set[tuple[int, int]]) -> None:
+        self.tables.close_all_but(netns, live)
+
+    def forget_netns(self, netns: str | None) -> int:
+        """The namespace is no longer accounted (gone): its flows leave the tables, their counts
+        stay with their processes (temporary ones go where `Tables.remove_sock` sends them).
+        Their offloaded readings must have been credited and withdrawn first. Returns how many."""
+        tables = self.tables
+        doomed = [si for key, si in tables.socks.items() if key[5] == netns]
+        for si in doomed:
+            tables.remove_sock(si)
+        tables.withdraw = {k for k in tables.withdraw if k[5] != netns}
+        tables.offload_again = [k for k in tables.offload_again if k[5] != netns]
+        self._offloadable = [k for k in self._offloadable if k[5] != netns]
+        return len(doomed)
 
     def gc(self, now: float | None = None) -> None:
         self.tables.gc(now)

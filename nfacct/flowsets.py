@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from . import netlink
 from .netlink import NLA_HDRLEN, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from .tables import FlowKey
+from .tables import Flow
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -76,7 +76,7 @@ def _proto(proto: int) -> bytes:
     return bytes((proto, 0, 0, 0))  # a u8 in its 32-bit register
 
 
-def elements(flow: FlowKey) -> tuple[Element, Element]:
+def elements(flow: Flow) -> tuple[Element, Element]:
     """The flow's two elements: as its outgoing packets carry it, and as its incoming ones do."""
     proto, local, lport, remote, rport = flow
     family = "4" if len(local) == 4 else "6"
@@ -87,7 +87,7 @@ def elements(flow: FlowKey) -> tuple[Element, Element]:
     )
 
 
-def flow_of(element: Element) -> FlowKey | None:
+def flow_of(element: Element) -> Flow | None:
     """The flow an element counts for (None: a key of no length we lay out)."""
     k = element.key
     n = {20: 4, 44: 16}.get(len(k))
@@ -101,12 +101,12 @@ def flow_of(element: Element) -> FlowKey | None:
     return (proto, b, bp_, a, ap_)
 
 
-def flow_bytes(flow: FlowKey) -> bytes:
+def flow_bytes(flow: Flow) -> bytes:
     """The flow as bytes (its outgoing element's key), for the store."""
     return elements(flow)[0].key
 
 
-def flow_from_bytes(key: bytes) -> FlowKey | None:
+def flow_from_bytes(key: bytes) -> Flow | None:
     return flow_of(Element("out4" if len(key) == 20 else "out6", key))
 
 

@@ -76,8 +76,13 @@ def _watch(queue_fd: int, queue_number: int, mem: mmap.mmap, parent: int) -> Non
     libc.prctl(PR_SET_NAME, b"nfacct-guard")  # in ps and top, not a second `nfacct run`
     if os.getppid() != parent:  # the daemon died before the line above took effect
         return
-    for s in (signal.SIGTERM, signal.SIGINT):  # the daemon's handlers are not ours
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the daemon's handlers are not ours
         signal.signal(s, signal.SIG_DFL)
+    # The queue's socket only: a copy of anything else the daemon had open when it forked us
+    # would outlive the daemon's own close. Another namespace's queue would stay bound after the
+    # daemon dropped it, a control client would never see its answer end.
+    os.closerange(3, queue_fd)
+    os.closerange(queue_fd + 1, os.sysconf("SC_OPEN_MAX"))
     sock = socket.socket(fileno=os.dup(queue_fd))
     sock.setblocking(False)
     buf = bytearray(RECV_SIZE)

@@ -121,14 +121,13 @@ class Health:
 
 def read_health(service: Service) -> Health:
     engine = service.engine.status()  # fresh dicts, no reference into the tables
-    coverage = service.persistence.coverage
     return Health(
         packets=engine["packets"],
         malformed=engine["malformed"],
         unidentified_by_uid=engine["unidentified_by_uid"],
-        unaccounted=coverage.unaccounted if coverage is not None else None,
-        kernel=service.queue.kernel_stats(),
-        guard_accepted=service.guard.accepted,
+        unaccounted=service.persistence.unaccounted,
+        kernel=service.kernel_stats(),  # every namespace's queue added up
+        guard_accepted=service.guard_accepted,
         sockinfo=engine["sockinfo"],
         sockinfo_overflow=engine["sockinfo_overflow"],
         taskinfo=engine["taskinfo"],

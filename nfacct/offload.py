@@ -16,7 +16,7 @@ import time
 from .engine import Engine
 from .faults import Faults
 from .flowsets import Element, FlowSets, OffloadError, elements, flow_of
-from .tables import FlowKey
+from .tables import Flow, FlowKey
 
 # A full reading costs about 13 µs per element, 11 of them in the kernel's dump (measured on 6.18:
 # 2.7 s for 100,000 flows, two elements each, under load 4.7 on 2 cores). Readings asked for
@@ -29,7 +29,7 @@ READ_SHARE = 0.1
 STEP = 4
 
 
-def _reading(counts: dict[Element, tuple[int, int]], flow: FlowKey) -> list[int] | None:
+def _reading(counts: dict[Element, tuple[int, int]], flow: Flow) -> list[int] | None:
     out, inn = elements(flow)
     o, i = counts.get(out), counts.get(inn)
     if o is None and i is None:
@@ -37,8 +37,8 @@ def _reading(counts: dict[Element, tuple[int, int]], flow: FlowKey) -> list[int]
     return [*(o or (0, 0)), *(i or (0, 0))]
 
 
-def _flows(counts: dict[Element, tuple[int, int]]) -> dict[FlowKey, list[int]]:
-    flows: dict[FlowKey, list[int]] = {}
+def _flows(counts: dict[Element, tuple[int, int]]) -> dict[Flow, list[int]]:
+    flows: dict[Flow, list[int]] = {}
     for el, (packets, nbytes) in counts.items():
         flow = flow_of(el)
         if flow is None:
@@ -50,13 +50,24 @@ def _flows(counts: dict[Element, tuple[int, int]]) -> dict[FlowKey, list[int]]:
 
 
 class Offloader:
-    """Moves settled flows into the kernel's sets and brings their counts back to the engine.
+    """Moves settled flows of one namespace (`netns`, whose flow sets `sets` are) into the
+    kernel's sets and brings their counts back to the engine. The engine's flow keys say their
+    namespace, the kernel's do not (`key` and `_kernel` translate).
 
     `mode` "queue" adds nothing: it only takes back, with their counts, the elements a previous
     daemon left, so that every packet comes to the queue again.
     """
 
-    def __init__(self, sets: FlowSets, engine: Engine, faults: Faults, limit: int, mode: str = "offload"):
+    def __init__(
+        self,
+        sets: FlowSets,
+        engine: Engine,
+        faults: Faults,
+        limit: int,
+        mode: str = "offload",
+        netns: str | None = None,
+    ):
+        self.netns = netns
         self.sets = sets
         self.engine = engine
         self.faults = faults
@@ -76,6 +87,9 @@ class Offloader:
         # of them may be an element that is gone (crediting it again would count twice).
         self._touched: set[FlowKey] = set()
 
+    def key(self, flow: Flow) -> FlowKey:
+        return (*flow, self.netns)
+
     def start(self, saved: dict[FlowKey, list[int]], first: bool) -> None:
         """Continue from the elements in the kernel: flows we hold (handed over) go on from their
         readings, others are adopted with what the checkpoint `saved` of them (an element
@@ -83,8 +97,8 @@ class Offloader:
         daemon has written this database for the namespace, so nothing the elements counted
         so far is ours (another database holds it, or nobody does)."""
         now = time.monotonic()
-        flows = _flows(self._read_all())
-        held = self.engine.offloaded_flows()
+        flows = {self.key(flow): reading for flow, reading in _flows(self._read_all()).items()}
+        held = {k: r for k, r in self.engine.offloaded_flows().items() if k[5] == self.netns}
         for flow, reading in flows.items():
             if flow not in held:
                 self.engine.adopt(flow, saved.get(flow, reading if first else [0, 0, 0, 0]), now)
@@ -139,9 +153,9 @@ class Offloader:
             raise
         for el, (packets, nbytes) in got:
             flow = flow_of(el)
-            if flow is not None and flow not in self._touched:
+            if flow is not None and self.key(flow) not in self._touched:
                 self.engine.credit_element(
-                    flow, 0 if el.set.startswith("out") else 2, packets, nbytes, started
+                    self.key(flow), 0 if el.set.startswith("out") else 2, packets, nbytes, started
                 )
         self._cost += time.monotonic() - started
         if done:
@@ -153,11 +167,11 @@ class Offloader:
         if flows:
             self._withdrawn(flows, *self.sets.remove(self._leaving(flows)))
 
-    def flush(self, ending: list[FlowKey] | None = None) -> None:
-        """In one transaction: withdraw the flows that must go (`ending`, and those the engine
-        asks for), and offload the flows settled since the last flush."""
-        gone = list(dict.fromkeys([*(ending or ()), *self.engine.take_withdrawals()]))
-        ready = self.engine.take_offloadable()
+    def flush(self, gone: list[FlowKey], ready: list[FlowKey]) -> None:
+        """In one transaction: withdraw the flows that must go, and offload the flows settled
+        since the last flush (this namespace's part of the engine's `take_withdrawals` and
+        `take_offloadable`: the service hands each namespace its own)."""
+        gone = list(dict.fromkeys(gone))
         room = 0
         if self.mode == "offload":  # the flows going free their room in the same transaction
             room = max(0, self.limit - (self.flows - len(gone)))
@@ -167,15 +181,16 @@ class Offloader:
             return
         if self._began is not None:
             self._touched.update(ready)
-        last, refused = self.sets.change(self._leaving(gone), [el for flow in ready for el in elements(flow)])
-        offered = set(ready)
+        adds = [el for flow in ready for el in elements(flow[:5])]
+        last, refused = self.sets.change(self._leaving(gone), adds)
+        offered = {flow[:5] for flow in ready}
         adding = {el: code for el, code in refused.items() if flow_of(el) in offered}
         self._withdrawn(gone, last, {el: code for el, code in refused.items() if el not in adding})
         self._note_refused(adding, "adding")
         failed = {flow_of(el) for el in adding}
         if failed:  # a flow goes whole or not at all: take back its other element
             self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
-        done = [flow for flow in ready if flow not in failed]
+        done = [flow for flow in ready if flow[:5] not in failed]
         self.engine.offloaded_now(done)
         self.flows += len(done)
         self.added += len(done)
@@ -183,7 +198,7 @@ class Offloader:
     def _leaving(self, flows: list[FlowKey]) -> list[Element]:
         if self._began is not None:
             self._touched.update(flows)
-        return [el for flow in flows for el in elements(flow)]
+        return [el for flow in flows for el in elements(flow[:5])]
 
     def _withdrawn(
         self, flows: list[FlowKey], last: dict[Element, tuple[int, int]], refused: dict[Element, int]
@@ -192,7 +207,7 @@ class Offloader:
         self._note_refused(refused, "removing")
         now = time.monotonic()
         for flow in flows:
-            reading = _reading(last, flow)
+            reading = _reading(last, flow[:5])
             if reading is not None:
                 self.engine.credit(flow, reading, now)
             self.engine.withdrawn(flow)

@@ -117,6 +117,22 @@ class KernelQueueStats:
         except ValueError:
             return None
 
+    @classmethod
+    def total(cls, lines: list[KernelQueueStats]) -> KernelQueueStats:
+        """Several queues' figures added up (one per namespace); queue, portid and copy settings
+        are the first's."""
+        first = lines[0]
+        return cls(
+            first.queue,
+            first.portid,
+            sum(s.waiting for s in lines),
+            first.copy_mode,
+            first.copy_range,
+            sum(s.queue_dropped for s in lines),
+            sum(s.user_dropped for s in lines),
+            sum(s.id_sequence for s in lines),
+        )
+
 
 ID_MASK = 0xFFFFFFFF
 

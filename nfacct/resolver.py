@@ -55,6 +55,9 @@ class Answer:
 
 
 class Resolver:
+    """Finds the owners of one namespace's flows (its `sockdiag` socket lives there); `index` may
+    be shared by several: socket inodes are unique across namespaces."""
+
     def __init__(self, sockdiag: SockDiag, index: SocketIndex | None = None, faults: Faults | None = None):
         self.sockdiag = sockdiag
         # Not `or`: an empty SocketIndex is falsy (it has a length) and would be replaced.
@@ -120,7 +123,7 @@ class Resolver:
 
     def attempt(self, key: FlowKey, ifindex: int, last: bool) -> ProcessFacts | None:
         """One try at finding the process that owns flow `key`."""
-        proto, local, lport, remote, rport = key
+        proto, local, lport, remote, rport, _netns = key  # our sock_diag socket is in that namespace
         entry = self.sockdiag.lookup(proto, local, lport, remote, rport, ifindex)
         if entry is None and proto == UDP:
             # No socket receives on this port: the sender's socket is closed (a datagram it sent

@@ -1,15 +1,18 @@
-"""The accounting daemon: how it starts, and its one event loop over the queue, process and
+"""The accounting daemon: how it starts, and its one event loop over the queues, process and
 socket events, the control socket, timers and signals. Runs in the root namespace (the proc
-connector only works there); with `netns` its queue and sock_diag sockets live in that namespace.
+connector only works there); each namespace it accounts (`--netns`, repeated) has its queue,
+sock_diag, flow sets and ledger in a `namespace.Namespace`, and one engine counts them all.
+Namespaces come (`reload`, SIGHUP) and go (their name deleted) while it runs.
 
 The rooms it stands on: `engine` (packets, tables and their state), `resolver` (owner lookups),
 `persistence` (SQLite and the coverage ledger), `takeover` (replacing a running daemon),
-`claim` (one daemon per namespace), `control` (the control socket), `atop` (atop -K's socket),
-`notify` (systemd).
+`claim` (one daemon per namespace), `namespace` (what it opens in each), `control` (the control
+socket), `atop` (atop -K's socket), `notify` (systemd).
 
-Longer than most rooms (~440 lines) because a start is a sequence with an undo at each step
+Longer than most rooms (~600 lines) because a start is a sequence with an undo at each step
 (claim, database, queue, rule move, hand-over) that must stay in one place to stay correct,
-and the loop dispatches to everything the start opened.
+the loop dispatches to everything the start opened, and a namespace added or dropped while it
+runs goes through the same steps.
 """
 
 from __future__ import annotations
@@ -19,30 +22,27 @@ import logging
 import os
 import selectors
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 
-from . import atop, control, sockview, takeover
-from .claim import Claim, ClaimError
+from . import atop, control, netns, sockview, takeover
+from .claim import ClaimError
 from .coverage import STALLED
 from .engine import Engine
 from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
-from .flowsets import FlowSets, OffloadError
-from .guard import Guard
+from .flowsets import OffloadError
 from .metrics import Metrics
+from .namespace import Namespace, label
+from .netns import is_pattern
 from .notify import STATUS_PERIOD, Notifier, status_line
-from .offload import Offloader
 from .persistence import Persistence
-from .procs import is_alive, process_facts
-from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, VERDICT_BATCH, Queue, QueuedPacket
-from .resolver import Resolver
-from .rules import FLOW_SET_SIZE, Rules, RulesError, takeover_pair
-from .sockdiag import ALL_STATES, DestroyEvents, SockDiag, SockDiagError
+from .procs import SocketIndex, is_alive, process_facts
+from .queue import HOOK_LOCAL_OUT, QUEUE_MAXLEN, VERDICT_BATCH, KernelQueueStats, QueuedPacket, QueueError
+from .rules import FLOW_SET_SIZE, Rules, RulesError
 from .store import DEFAULT_DB, Store
-from .tables import HANDOVER_FORMAT, GcConfig
+from .tables import HANDOVER_FORMAT, FlowKey, GcConfig
 
 log = logging.getLogger("nfacct")
 
@@ -56,11 +56,15 @@ HOLD_MAX = 4096  # first packets held for their lookup at most; beyond, they pas
 DISPATCH_MOST = 4 * VERDICT_BATCH
 FRESH = 1.0  # seconds: the oldest reading of the flow sets' counters `top` and `status` may show
 MODES = ("offload", "queue")
+NETNS_CHECK = 1.0  # seconds between looks for accounted namespaces whose name is gone
+# Resolver figures of each namespace that `status` adds up (the socket index is shared).
+RESOLVER_SUMS = ("in_flight", "resolved", "gave_up", "by_listener", "errors", "sock_diag_requests")
 
 
 @dataclass
 class ServiceConfig:
-    netns: str | None = None
+    # Names or shell patterns (`ct-*`) of the namespaces to account; empty: the daemon's own.
+    netns: tuple[str, ...] = ()
     queue: int = 0
     control_path: str = control.DEFAULT_CONTROL
     db_path: str = DEFAULT_DB
@@ -77,10 +81,6 @@ class ServiceConfig:
     atop_socket: str | None = None  # serve `atop -K` here (netatop-bpf's protocol, nfacct.atop)
     metrics: tuple[str, int] | None = None  # serve Prometheus metrics at (host, port)
 
-    @property
-    def coverage_key(self) -> str:
-        return f"covered:{self.netns or ''}"
-
 
 class ServiceError(Exception):
     """The service cannot start; one line for the user."""
@@ -92,21 +92,26 @@ class Service:
         self.started = time.time()
         self._running = True  # until a signal or a handover says stop, from here on
         self._handing_over = False
+        self._reload_asked = False  # SIGHUP: `reload` at the next turn of the loop
         self._held: list[QueuedPacket] = []  # outgoing packets waiting for their flow's lookup (_on_packet)
         self._exits: list[tuple[int, float]] = []  # (tgid, when) of processes ended this turn (_flush)
         self._hold_max = HOLD_MAX if config.hold_new_connections else 0
         self._seen_overruns = 0  # proc connector overruns already answered by a liveness poll
-        self._closes_seen = 0  # destroy event overruns already answered by a socket dump (_gc)
-        self._guard_seen = 0  # packets the guard accepted, as of the last checkpoint
         self.faults = Faults()
         self.atop: atop.Server | None = None
+        self.spaces: dict[str | None, Namespace] = {}  # the accounted namespaces, by name
+        # Each name once (given twice, it would be claimed twice); `reload NAME` adds to these.
+        self._named = list(dict.fromkeys(n for n in config.netns if not is_pattern(n)))
         self._resources = contextlib.ExitStack()  # closed in reverse order by close()
         self._undo = contextlib.ExitStack()  # what only a failed start takes back
         self._sel = selectors.DefaultSelector()
         self._resources.callback(self._sel.close)
+        self._resources.callback(self._close_spaces)
         # A stop asked for while starting (the integrity check or a takeover can take seconds)
         # takes back what the start made, like any failed start; once started, it ends the loop.
         self._signals = {s: signal.signal(s, self._interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+        # A reload asked for while starting is done once the loop runs (the default would end us).
+        self._signals[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
         try:
             self._open()
         except BaseException:
@@ -115,7 +120,7 @@ class Service:
             self._undo.close()
             raise
         self._undo.pop_all()
-        for s in self._signals:
+        for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self.stop)
 
     @staticmethod
@@ -129,15 +134,17 @@ class Service:
     def _open(self) -> None:
         cfg = self.config
         control.check_path(cfg.control_path)
+        self.index = SocketIndex()  # one /proc index for every namespace: socket inodes are unique
+        self.engine = Engine(submit=self._submit, config=cfg.gc, faults=self.faults)
+        names = self._wanted() if cfg.netns else [None]
+        for name in names:  # a missing one fails here, before anything changes
+            self.spaces[name] = Namespace(name, self.engine, self.index, self.faults)
         if not cfg.takeover:
-            self._claim()  # refuses at once if another daemon accounts the namespace
+            for ns in self.spaces.values():
+                self._claim(ns)  # refuses at once if another daemon accounts the namespace
         self.metrics = Metrics(cfg.metrics, self, self._sel) if cfg.metrics else None  # refuses a taken port
         if self.metrics:
             self._resources.callback(self.metrics.close)
-        self.sockdiag = SockDiag(cfg.netns)
-        self._resources.callback(self.sockdiag.close)
-        self.resolver = Resolver(self.sockdiag, faults=self.faults)
-        self.engine = Engine(submit=self.resolver.submit, config=cfg.gc, faults=self.faults)
         # Opened before the queue moves: its integrity check and migration (1.3 s for 93 MB
         # from a cold disk) must not hold the packets a takeover's new queue collects.
         self.store = Store(cfg.db_path)
@@ -153,134 +160,87 @@ class Service:
             except EventsUnavailable as e:
                 self.events_mode = f"polling /proc ({e})"
                 log.warning("%s; falling back to polling /proc every %ss", e, cfg.poll_interval)
-        self.destroy: DestroyEvents | None = None
-        try:
-            self.destroy = DestroyEvents(cfg.netns)
-            self._resources.callback(self.destroy.close)
-            self.destroy_mode = "sock_diag destroy events"
-        except SockDiagError as e:
-            self.destroy_mode = f"socket dump each GC cycle ({e})"
         self.notify = Notifier(os.environ, self.faults.record)  # systemd, when it started us
         self._resources.callback(self.notify.close)
-        self.rules, self.rules_problem = None, "no nfacct rules installed in the namespace"
-        try:
-            self.rules = Rules(cfg.netns)
-        except RulesError as e:
-            self.rules_problem = str(e)
         try:
             self._start(cfg)
         except takeover.TakeoverError as e:
             raise ServiceError(str(e)) from None
 
+    def _wanted(self) -> list[str]:
+        """The namespaces to account: every name given (or added by `reload NAME`), and every one
+        a pattern matches that has the nfacct ruleset installed (`rules install` is what marks a
+        namespace for a pattern: those without rules are left alone)."""
+        patterns = [n for n in self.config.netns if is_pattern(n)]
+        found = [n for n in netns.matching(patterns) if n not in self._named and self._has_rules(n)]
+        return [*self._named, *found]
+
+    def _has_rules(self, name: str) -> bool:
+        try:
+            return bool(Rules(name).queue_rules())
+        except (RulesError, netns.NetnsError) as e:
+            self.faults.record(f"reading the rules of {label(name)}", e)
+            return False
+
     def _start(self, cfg: ServiceConfig) -> None:
+        spaces = list(self.spaces.values())
+        numbers = {ns.name: cfg.queue for ns in spaces}
         if cfg.takeover:
-            number = takeover.successor_queue(
-                cfg.control_path, cfg.netns, self.rules, self.rules_problem, cfg.queue
-            )
+            for ns in spaces:
+                numbers[ns.name] = takeover.successor_queue(
+                    cfg.control_path, ns.name, ns.rules, ns.rules_problem, cfg.queue
+                )
         else:
             self._listen()  # refuses at once if another daemon answers here
             self._serve_atop()
-            number = cfg.queue
-        counter_at_start = self._queued()  # before bind: packets from here on are ours or a gap
-        self.queue = Queue(number, self._on_packet, cfg.netns, maxlen=cfg.queue_maxlen)
-        self._resources.callback(self.queue.close)
-        queues = {q for *_where, q in self.rules.queue_rules()} if self.rules is not None else set()
+        at_start = {}
+        for ns in spaces:
+            at_start[ns.name] = ns.queued()  # before bind: packets from here on are ours or a gap
+            ns.bind(numbers[ns.name], self._on_packet, cfg.queue_maxlen)
         handed = None
-        with contextlib.ExitStack() as move:  # a failed move takes its queue rule back
-            if queues - {number}:
-                # Our queue rule goes in front; the old ones stay until nothing they queued waits.
-                self.rules.add_queue(number)
-                move.callback(self._drop_queue_quietly, number)
-                log.info("queue rules now send to queue %d (were %s)", number, sorted(queues))
+        with contextlib.ExitStack() as move:  # a failed move takes its queue rules back
+            # Our queue rules go in front; the old ones stay until nothing they queued waits.
+            moved = [ns for ns in spaces if ns.lead_rules_here(move)]
             if cfg.takeover:
                 handed = takeover.request_handover(cfg.control_path)
-                self._claim(wait=5.0)  # the predecessor lets go as it exits
+                for ns in spaces:
+                    self._claim(ns, wait=5.0)  # the predecessor lets go as it exits
                 self._listen()
                 self._serve_atop()  # the predecessor's atop socket is gone with it
-            if queues - {number}:
-                self.rules.drop_queues_except(number)
+            for ns in moved:
+                ns.drop_other_queues()
             move.pop_all()
-        self.persistence = Persistence(
-            self.store, self.engine, cfg.coverage_key, self._queued, self._waiting, cfg.exit_grace
-        )
-        for key in self.persistence.restore(counter_at_start, handed):
-            self.resolver.submit(key, 0)
-        self._start_offload(cfg)
-        # Only now, when the loop is about to read: a takeover's queue fills while the predecessor
-        # drains, and those packets are ours to count, not the guard's to let pass.
-        self.guard = Guard(self.queue.fileno(), number)
-        self._resources.callback(self.guard.stop)  # before the queue closes: it shares its socket
-        self.queue.on_read = self.guard.beat
+        self.persistence = Persistence(self.store, self.engine, cfg.exit_grace)
+        for key in self.persistence.restore(handed):
+            self._submit(key, 0)
+        for ns in spaces:
+            self._begin(ns, at_start[ns.name])
 
-    def _start_offload(self, cfg: ServiceConfig) -> None:
-        """Open the flow sets and continue from the elements in them (a predecessor's, even in
-        queue mode: their counts are taken, then they go). Without sets, every packet is queued."""
-        self.offloader: Offloader | None = None
-        self.offload_problem = ""
-        if self.rules is None:
-            self.offload_problem = self.rules_problem
-        elif not self.rules.has_flow_sets():
-            self.offload_problem = "the installed ruleset has no flow sets: run `nfacct rules install` again"
-        if self.offload_problem:
-            if cfg.mode == "offload":
-                log.warning("flow offload off, every packet goes through the queue: %s", self.offload_problem)
-            return
+    def _begin(self, ns: Namespace, counter_at_start: int | None) -> None:
+        """A bound namespace starts counting: its ledger, its flow sets, its guard."""
+        self.persistence.open_ledger(ns.ledger, counter_at_start)
         try:
-            sets = FlowSets(cfg.netns)
-        except OffloadError as e:
-            raise ServiceError(str(e)) from None
-        self._resources.callback(sets.close)
-        self.offloader = Offloader(sets, self.engine, self.faults, cfg.max_offloaded, cfg.mode)
-        try:
-            self.offloader.start(self.persistence.offloaded(), self.persistence.first_here)
+            ns.start_offload(self.config.mode, self.config.max_offloaded, self.persistence)
         except (OffloadError, OSError) as e:
-            raise ServiceError(f"reading the flow sets failed: {e}") from None
+            raise ServiceError(f"reading the flow sets of {label(ns.name)} failed: {e}") from None
+        ns.start_guard()
 
-    def _offload(self, work: str, max_age: float = 0.0) -> None:
-        """Refresh the flow sets' readings, or take the next step of one; a failure is counted
-        and logged once, never fatal: the counts come at the next reading."""
-        if self.offloader is None:
-            return
+    def _claim(self, ns: Namespace, wait: float = 0.0) -> None:
         try:
-            if work == "step":
-                self.offloader.step()
-            else:
-                self.offloader.refresh(max_age)
-        except (OffloadError, OSError) as e:
-            self.faults.record(f"flow sets ({work})", e)
-
-    def _exited(self, tgids: list[int], now: float) -> None:
-        """Processes ended: settled at the turn's `_flush`, with the turn's other changes."""
-        for tgid in tgids:
-            self.resolver.forget(tgid)
-            self._exits.append((tgid, now))
-
-    def _flush(self) -> None:
-        """The turn's changes to the flow sets, in one transaction: the flows that ended and those
-        of the processes that exited go, crediting their last counts, and the flows attributed
-        since the last flush come in. Then the exits are applied: what an exited process is
-        written with is whole, and its sockets wait for whoever holds them next. A failure is
-        counted and logged once, never fatal: the flows stay on the queue path."""
-        exits, self._exits = self._exits, []
-        if self.offloader is not None:
-            try:
-                self.offloader.flush(self.engine.offloaded_flows_of([tgid for tgid, _ in exits]))
-            except (OffloadError, OSError) as e:
-                self.faults.record("flow sets (flush)", e)
-        for tgid, now in exits:
-            self.engine.process_exited(tgid, now)
-
-    def _drop_queue_quietly(self, number: int) -> None:
-        with contextlib.suppress(RulesError):
-            self.rules.drop_queue(number)
-
-    def _claim(self, wait: float = 0.0) -> None:
-        try:
-            held = Claim(self.config.netns, self.config.control_path, wait=wait)
+            ns.claim(self.config.control_path, wait=wait)
         except ClaimError as e:
             raise ServiceError(str(e)) from None
-        self._resources.callback(held.release)
-        self._undo.callback(remove_dirs, held.created_dirs)
+        self._undo.callback(remove_dirs, ns.created_dirs)
+
+    def _close_spaces(self) -> None:
+        for ns in reversed(self.spaces.values()):
+            ns.close()
+
+    def _submit(self, key: FlowKey, ifindex: int) -> None:
+        """A flow's owner must be looked up, by the resolver of its namespace."""
+        ns = self.spaces.get(key[5])
+        if ns is not None:  # not, for a flow a predecessor handed over from a namespace we do not account
+            ns.resolver.submit(key, ifindex)
 
     def _listen(self) -> None:
         self.control = control.Server(self.config.control_path, self.handle, self._sel, self.faults)
@@ -297,28 +257,48 @@ class Service:
         self._resources.callback(self.atop.close)
         self._undo.callback(remove_dirs, self.atop.created_dirs)
 
-    def _queued(self) -> int | None:
-        """The counting rule's packets (None without rules), for the coverage ledger."""
-        if self.rules is None:
-            return None
-        try:
-            return self.rules.queued_packets()
-        except RulesError as e:
-            self.faults.record("reading the counting rule", e)
-            return None
+    def _offload(self, work: str, max_age: float = 0.0) -> None:
+        """Refresh every namespace's flow sets' readings, or take the next step of one."""
+        for ns in self.spaces.values():
+            ns.offload(work, max_age)
 
-    def _waiting(self) -> int:
-        """Packets queued for us or a predecessor and not yet read."""
-        ours = takeover_pair(self.config.queue)  # our queue is always one of the pair
-        return sum(s.waiting for n, s in self.queue.all_kernel_stats().items() if n in ours)
+    def _exited(self, tgids: list[int], now: float) -> None:
+        """Processes ended: settled at the turn's `_flush`, with the turn's other changes."""
+        for tgid in tgids:
+            self._forget(tgid)
+            self._exits.append((tgid, now))
+
+    def _forget(self, pid: int | None) -> None:
+        """Process `pid` execed or exited (None: any may have): every resolver reads its facts anew."""
+        for ns in self.spaces.values():
+            ns.resolver.forget(pid)
+
+    def _flush(self) -> None:
+        """The turn's changes to the flow sets, in one transaction per namespace: the flows that
+        ended and those of the processes that exited go, crediting their last counts, and the
+        flows attributed since the last flush come in; each namespace's offloader gets its own
+        (a namespace without flow sets keeps its flows on the queue path). Then the exits are
+        applied: what an exited process is written with is whole, and its sockets wait for
+        whoever holds them next. A failure is counted and logged once, never fatal."""
+        exits, self._exits = self._exits, []
+        gone = [*self.engine.offloaded_flows_of([tgid for tgid, _ in exits]), *self.engine.take_withdrawals()]
+        ready = self.engine.take_offloadable()
+        for ns in self.spaces.values():
+            if ns.offloader is not None:
+                mine = [k for k in gone if ns.owns(k)], [k for k in ready if ns.owns(k)]
+                ns.offload("flush", withdraw=mine[0], ready=mine[1])
+        for tgid, now in exits:
+            self.engine.process_exited(tgid, now)
 
     # ---- per packet ---------------------------------------------------------------------------
 
-    def _on_packet(self, pkt: QueuedPacket) -> None:
+    def _on_packet(self, pkt: QueuedPacket, netns_name: str | None) -> None:
         outgoing = pkt.hook == HOOK_LOCAL_OUT
         try:
             ifindex = pkt.outdev if outgoing else pkt.indev
-            asked = self.engine.account(pkt.payload, outgoing, ifindex, length=pkt.length, uid=pkt.uid)
+            asked = self.engine.account(
+                pkt.payload, outgoing, ifindex, length=pkt.length, uid=pkt.uid, netns=netns_name
+            )
         except Exception as e:  # a bug must cost one packet's attribution, never its verdict
             self.engine.failed(e)
             asked = False
@@ -337,7 +317,13 @@ class Service:
         held, self._held = self._held, []
         for pkt in held:
             pkt.accept()
-        self.queue.flush()
+        for ns in self.spaces.values():
+            ns.queue.flush()
+
+    def _apply_answers(self) -> None:
+        """The owners every namespace's resolver found so far go to the engine."""
+        for ns in self.spaces.values():
+            self.engine.apply_answers(ns.resolver.work())
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -348,38 +334,126 @@ class Service:
             if ev.kind == "exit" and ev.pid == ev.tgid:  # the group leader: the process
                 exits.append(ev.tgid)
             elif ev.kind == "fork":
-                self.resolver.note_new_process(ev.tgid)
+                self.index.note_new_process(ev.tgid)
             elif ev.kind == "exec":
-                self.resolver.forget(ev.tgid)
+                self._forget(ev.tgid)
                 facts = process_facts(ev.tgid) if self.engine.is_running(ev.tgid) else None
                 if facts is not None:
                     self.engine.process_execed(facts)
         self._exited(exits, now)
         if self.events.overruns > self._seen_overruns:
             self._seen_overruns = self.events.overruns
-            self.resolver.forget()  # an exec may be among the lost events
+            self._forget(None)  # an exec may be among the lost events
             self._poll_liveness()  # events were lost: check every task once
-
-    def _on_destroy_events(self) -> None:
-        for proto, e in self.destroy.read():
-            self.engine.socket_closed(proto, e.local, e.lport, e.remote, e.rport)
 
     def _poll_liveness(self) -> None:
         now = time.time()
         self._exited([t.pid for t in self.engine.running_tasks() if not is_alive(t.pid, t.btime)], now)
 
-    def _dump_closed(self) -> None:
-        live = set()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for proto in (6, 17):
-                for e in self.sockdiag.dump(family, proto, ALL_STATES):
-                    if e.inode:
-                        live.add((proto, e.lport))
-        self.engine.close_all_but(live)
+    # ---- namespaces coming and going -----------------------------------------------------------
+
+    def _watch(self, ns: Namespace) -> None:
+        """The loop reads the namespace's queue and destroy events from now on."""
+        self._sel.register(ns.queue.fileno(), selectors.EVENT_READ, lambda _m: self._dispatch(ns))
+        if ns.destroy:
+            self._sel.register(ns.destroy, selectors.EVENT_READ, lambda _m: ns.on_destroy_events())
+
+    def _dispatch(self, ns: Namespace) -> None:
+        try:
+            ns.queue.dispatch(DISPATCH_MOST)
+        except OSError as e:  # its queue socket fails: the namespace cannot be accounted any more
+            self._drop(ns, f"its queue failed ({e.strerror or e})")
+
+    def _check_namespaces(self) -> None:
+        for ns in list(self.spaces.values()):
+            if ns.gone():
+                self._drop(ns, f"is gone (no /run/netns/{ns.name})")
+
+    def _drop(self, ns: Namespace, why: str) -> None:
+        """Stop accounting a namespace, its counts settled: what its queue holds gets its verdict
+        and its count, lookups under way their answer, offloaded flows their last reading
+        (the namespace lives on while our sockets refer to it, so its sets can still be read).
+        Its processes keep their totals: they are written as they exit, as any process is."""
+        if self.spaces.get(ns.name) is not ns:
+            return  # already dropped (its queue failed in the same turn)
+        flows = sum(1 for k in self.engine.tables.socks if k[5] == ns.name)
+        try:
+            ns.queue.dispatch()
+        except OSError as e:  # a failed queue has nothing more to give: what it held passes unseen
+            self.faults.record("draining a dropped namespace's queue", e)
+        self._release_held()
+        self._sel.unregister(ns.queue.fileno())
+        if ns.destroy:
+            self._sel.unregister(ns.destroy)
+        self.engine.apply_answers(ns.resolver.work())
+        ns.withdraw_all()
+        self.engine.forget_netns(ns.name)
+        counter = ns.queued()
+        del self.spaces[ns.name]
+        try:
+            self.persistence.close_ledger(ns.name, counter)
+        except Exception as e:  # a full disk: the next checkpoint writes what this one could not
+            self.faults.record("checkpoint", e)
+        ns.close()
+        log.warning(
+            "%s %s: no longer accounted; its %d flows settled, its processes keep their totals%s",
+            label(ns.name),
+            why,
+            flows,
+            "" if self.spaces else "; no namespace is accounted now (add one: nfacct reload)",
+        )
+
+    def _hangup(self, *_args) -> None:
+        self._reload_asked = True
+
+    def reload(self, name: str | None = None) -> dict:
+        """Account the namespaces wanted now (`_wanted`) that are not yet, `name` among them if
+        given; drop those whose name is gone. Returns what changed, and what could not be added."""
+        self._check_namespaces()
+        if name is not None:
+            netns.netns_path(name)  # NoSuchNetns: the answer says so
+            if name not in self._named:
+                self._named.append(name)
+        added, refused = [], {}
+        for wanted in self._wanted():
+            if wanted in self.spaces:
+                continue
+            try:
+                self._add(wanted)
+                added.append(wanted)
+            except (ServiceError, ClaimError, netns.NetnsError, QueueError, RulesError, OSError) as e:
+                refused[wanted] = str(e)
+                self.faults.record(f"adding {label(wanted)}", e)
+        if added:
+            log.warning("now accounting %s", ", ".join(label(n) for n in added))
+        return {"ok": True, "added": added, "refused": refused, "accounted": list(self.spaces)}
+
+    def _add(self, name: str) -> None:
+        """Start accounting one more namespace; on any failure, nothing of it is left."""
+        cfg = self.config
+        ns = Namespace(name, self.engine, self.index, self.faults)
+        try:
+            ns.claim(cfg.control_path)
+            counter_at_start = ns.queued()
+            ns.bind(cfg.queue, self._on_packet, cfg.queue_maxlen)
+            with contextlib.ExitStack() as move:
+                if ns.lead_rules_here(move):
+                    ns.drop_other_queues()
+                move.pop_all()
+            self.spaces[name] = ns
+            self._begin(ns, counter_at_start)
+            self._watch(ns)
+        except BaseException:
+            if self.spaces.get(name) is ns:
+                del self.spaces[name]
+                self.persistence.ledgers.pop(name, None)
+            ns.discard()
+            raise
 
     # ---- control ------------------------------------------------------------------------------
 
     def handle(self, cmd: str) -> dict | object:
+        verb, _, arg = cmd.partition(" ")
         if cmd == "ping":
             return {"ok": True, "handover_format": HANDOVER_FORMAT}
         if cmd == "top":
@@ -387,9 +461,17 @@ class Service:
         if cmd == "status":
             self._settle()
             return self.status()
-        if cmd == "sockets":  # per-socket counters for `nfacct sockets`, as fresh as `top`'s
+        if verb == "sockets":  # per-socket counters for `nfacct sockets`, as fresh as `top`'s
             self.snapshot()
-            return sockview.flows_answer(self.engine.flow_counts())
+            flows = self.engine.flow_counts()
+            if arg:  # `sockets NAME`: one namespace's flows
+                flows = {k: r for k, r in flows.items() if k[5] == arg}
+            return sockview.flows_answer(flows)
+        if verb == "reload":  # `reload NAME` names a namespace to add
+            try:
+                return self.reload(arg or None)
+            except netns.NetnsError as e:
+                return {"error": str(e)}
         if cmd == "handover":
             self._handing_over = True
             self._running = False
@@ -405,43 +487,51 @@ class Service:
     def _settle(self) -> None:
         """Before an answer: the owners found so far applied, offloaded flows' readings at most
         FRESH old (see Offloader.refresh)."""
-        self.engine.apply_answers(self.resolver.work())
+        self._apply_answers()
         self._offload("refresh", FRESH)
 
     @property
     def handed_over(self) -> bool:
         return self._handing_over
 
+    def kernel_stats(self) -> KernelQueueStats | None:
+        """Every namespace's queue figures added up (None: no queue line found)."""
+        found = [s for s in (ns.queue.kernel_stats() for ns in self.spaces.values()) if s is not None]
+        return KernelQueueStats.total(found) if found else None
+
+    @property
+    def guard_accepted(self) -> int:
+        return sum(ns.guard.accepted for ns in self.spaces.values())
+
     def status(self) -> dict:
-        kernel = self.queue.kernel_stats()
-        queue = {"number": self.queue.number, "flags": self.queue.flags}
-        if kernel is not None:
-            queue.update(vars(kernel))
-            # Packet ids count every packet handed to us since bind; any we did not see was
-            # lost to a full socket buffer (and, with FAIL_OPEN, accepted without accounting).
-            queue["missed"] = kernel.id_sequence - self.engine.packets
-        queue["maxlen"] = self.queue.maxlen
-        queue["guard_accepted"] = self.guard.accepted
         cfg = self.config
+        spaces = [ns.status() for ns in self.spaces.values()]
+        # The top-level queue, offload and coverage are the first namespace's: what they always
+        # were with one; `namespaces` has each, and `resolver` adds them up.
+        first = (
+            spaces[0] if spaces else {"queue": {}, "offload": {"mode": "queue", "problem": "no namespace"}}
+        )
+        resolver = {k: sum(s["resolver"][k] for s in spaces) for k in RESOLVER_SUMS}
+        resolver.update(proc_scans=self.index.scans, socket_index=len(self.index))
         return {
             "pid": os.getpid(),
             "faults": self.faults.status(),
             "control": self.control.status(),
             "atop": self.atop.status() if self.atop else None,
-            "netns": cfg.netns,
+            "netns": ", ".join(n for n in self.spaces if n) or None,
+            "namespaces": spaces,
             "uptime": time.time() - self.started,
             "engine": self.engine.status(),
-            "queue": queue,
-            "coverage": self.persistence.coverage_status(self.rules_problem),
-            "offload": self.offloader.status()
-            if self.offloader is not None
-            else {"mode": "queue", "problem": self.offload_problem or None},
-            "resolver": {**self.resolver.status(), "sock_diag_requests": self.sockdiag.requests},
+            "queue": first["queue"],
+            "coverage": first.get("coverage", {"rules": "no namespace accounted"}),
+            "unaccounted": self.persistence.unaccounted,
+            "offload": first["offload"],
+            "resolver": resolver,
             "events": {
                 "process_exits": self.events_mode,
-                "socket_close": self.destroy_mode,
+                "socket_close": "; ".join(sorted({s["socket_close"] for s in spaces})),
                 "proc_connector_overruns": self.events.overruns if self.events else None,
-                "destroy_overruns": self.destroy.overruns if self.destroy else None,
+                "destroy_overruns": sum(s["destroy_overruns"] or 0 for s in spaces),
             },
             "store": {"path": cfg.db_path, "writes": self.store.writes},
             "gc": vars(cfg.gc),
@@ -458,17 +548,17 @@ class Service:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w)
         # Each key's data is what to call when it is ready; the control server adds its clients.
-        sel.register(self.queue.fileno(), selectors.EVENT_READ, lambda _m: self.queue.dispatch(DISPATCH_MOST))
+        for ns in self.spaces.values():
+            self._watch(ns)
         sel.register(wake_r, selectors.EVENT_READ, lambda _m: os.read(wake_r, 512))
         if self.events:
             sel.register(self.events, selectors.EVENT_READ, lambda _m: self._on_proc_events())
-        if self.destroy:
-            sel.register(self.destroy, selectors.EVENT_READ, lambda _m: self._on_destroy_events())
         now = time.monotonic()
         due = {
             "persist": now + PERSIST_TICK,
             "gc": now + cfg.gc.cycle,
             "checkpoint": now + cfg.checkpoint_interval,
+            "netns": now + NETNS_CHECK,
         }
         if not self.events:
             due["poll"] = now + cfg.poll_interval
@@ -478,25 +568,32 @@ class Service:
             due["watchdog"] = now
         if self.notify.enabled:
             due["notify"] = now + STATUS_PERIOD
-        where = f"accounting queue {self.queue.number} in netns {cfg.netns or '(own)'}"
+        where = "accounting " + (
+            ", ".join(f"queue {ns.queue.number} in netns {ns.name or '(own)'}" for ns in self.spaces.values())
+            or "no namespace yet (a pattern matched none; a reload adds those that come)"
+        )
         log.info("%s", where)
-        self.notify.ready(where)  # the queue is bound and the control socket listens
+        self.notify.ready(where)  # the queues are bound and the control socket listens
         try:
             while self._running:
                 now = time.monotonic()
                 wait = min(MAX_WAIT, min(due.values()) - now)
-                resolver_due = self.resolver.next_due()
-                if resolver_due is not None:
-                    wait = min(wait, resolver_due)
-                if self.control.busy or (self.offloader is not None and self.offloader.reading):
+                for ns in self.spaces.values():
+                    resolver_due = ns.resolver.next_due()
+                    if resolver_due is not None:
+                        wait = min(wait, resolver_due)
+                busy = any(ns.offloader is not None and ns.offloader.reading for ns in self.spaces.values())
+                if self.control.busy or busy or self._reload_asked:
                     wait = 0.0
+                registered = sel.get_map()
                 for key, mask in sel.select(timeout=max(0.0, wait)):
-                    key.data(mask)
+                    if registered.get(key.fd) is key:  # not a namespace dropped earlier in this batch
+                        key.data(mask)
                 # After the batch: find the owners of the flows it brought while they still exist.
                 # Their elements go in before the held first packets leave, so the answers to
                 # those (a SYN-ACK) are counted by the kernel instead of queued again.
                 try:
-                    self.engine.apply_answers(self.resolver.work())
+                    self._apply_answers()
                     self._flush()
                 finally:
                     self._release_held()
@@ -506,10 +603,13 @@ class Service:
                     self.atop.work()
                 if self.metrics:
                     self.metrics.work()
+                if self._reload_asked:
+                    self._reload_asked = False
+                    self.reload()
                 self._timers(due)
             self.notify.stopping("handing over" if self._handing_over else "last verdicts and checkpoint")
             self._drain()
-            self.engine.apply_answers(self.resolver.work())
+            self._apply_answers()
             self._poll_liveness()
             self._flush()
             self._checkpoint()
@@ -521,8 +621,7 @@ class Service:
         finally:
             signal.set_wakeup_fd(old_wakeup)
             self._restore_signals()
-            for fd in (self.queue.fileno(), wake_r):
-                sel.unregister(fd)
+            sel.unregister(wake_r)
             os.close(wake_r)
             os.close(wake_w)
             self.close()
@@ -530,24 +629,31 @@ class Service:
     def _drain(self, timeout: float = 1.0) -> None:
         """Give what is queued its verdict and its count: unbinding would drop it.
 
-        On a handover the rules already point at the successor; once our queue is empty we wait
-        a moment and look again, for packets that met the old rule just before it changed.
+        On a handover the rules already point at the successor; once our queues are empty we
+        wait a moment and look again, for packets that met the old rule just before it changed.
         """
         handover = self._handing_over
         deadline = time.monotonic() + (timeout if handover else 0.1)
         settled = not handover
         while True:
-            self.queue.dispatch()
+            waiting = 0
+            for ns in list(self.spaces.values()):
+                try:
+                    ns.queue.dispatch()
+                except OSError as e:
+                    self._drop(ns, f"its queue failed ({e.strerror or e})")
+                    continue
+                stats = ns.queue.kernel_stats()
+                waiting += stats.waiting if stats is not None else 0
             self._release_held()
-            stats = self.queue.kernel_stats()
-            if stats is None or stats.waiting == 0:
+            if waiting == 0:
                 if settled:
                     return
                 settled = True
                 time.sleep(0.02)
             elif time.monotonic() > deadline:
                 (log.warning if handover else log.info)(
-                    "%d packets still queued at exit; the kernel drops them on unbind", stats.waiting
+                    "%d packets still queued at exit; the kernel drops them on unbind", waiting
                 )
                 return
             else:
@@ -561,6 +667,7 @@ class Service:
             ("poll", cfg.poll_interval, self._poll_liveness),
             ("gc", cfg.gc.cycle, self._gc),
             ("checkpoint", cfg.checkpoint_interval, self._checkpoint),
+            ("netns", NETNS_CHECK, self._check_namespaces),
             ("watchdog", self.notify.watchdog_period, self.notify.watchdog),
             ("notify", STATUS_PERIOD, self._notify_status),
         ):
@@ -573,24 +680,23 @@ class Service:
 
     def _checkpoint(self) -> None:
         self._offload("refresh")
-        accepted = self.guard.accepted
-        stalled, self._guard_seen = accepted > self._guard_seen, accepted
-        self.persistence.checkpoint(reason=STALLED if stalled else None)
+        reasons = {}
+        for ns in self.spaces.values():
+            accepted = ns.guard.accepted
+            if accepted > ns.guard_seen:
+                reasons[ns.name] = STALLED
+            ns.guard_seen = accepted
+        self.persistence.checkpoint(reasons)
 
     def _notify_status(self) -> None:
-        coverage = self.persistence.coverage
-        self.notify.status(status_line(self.snapshot(), coverage.unaccounted if coverage else None))
+        self.notify.status(status_line(self.snapshot(), self.persistence.unaccounted))
 
     def _gc(self) -> None:
         if self.atop:
             self.atop.before_gc()  # exits the GC may drop are still owed to atop clients
         try:
-            # Without destroy events, or when some were lost (closing 100,000 sockets at once
-            # overran them: bench/modes.py), the sockets left tell which flows closed; else
-            # those flows would wait for --unreferenced-idle (60 s).
-            if self.destroy is None or self.destroy.overruns > self._closes_seen:
-                self._closes_seen = self.destroy.overruns if self.destroy else 0
-                self._dump_closed()
+            for ns in self.spaces.values():
+                ns.dump_closed()
         finally:  # a failed dump must not cost the cycle its idle and exited removals
             if self.metrics:
                 self.metrics.refresh()  # what the GC drops is in the aggregates first

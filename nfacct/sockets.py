@@ -133,6 +133,8 @@ def _ifnames(netns_name: str | None, indexes: set[int]) -> dict[int, str]:
 def _daemon_flows(netns_name: str | None, control_path: str | None) -> tuple[list[list] | None, str | None]:
     """The daemon's flows with their counts (None if no daemon answered), and a note
     when one exists but could not be asked."""
+    # A daemon may account several namespaces: it is asked for this one's flows only.
+    ask = f"sockets {netns_name}" if netns_name else "sockets"
     if control_path is None:
         try:
             holder = claim.holder(netns_name)
@@ -141,7 +143,7 @@ def _daemon_flows(netns_name: str | None, control_path: str | None) -> tuple[lis
         if holder is None or "control" not in holder:
             return None, None
         try:
-            return control.request(holder["control"], "sockets")["flows"], None
+            return control.request(holder["control"], ask)["flows"], None
         except control.ControlError as e:
             return None, f"no counters: {e}"
-    return control.request(control_path, "sockets")["flows"], None
+    return control.request(control_path, ask)["flows"], None

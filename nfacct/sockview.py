@@ -82,7 +82,7 @@ def flows_answer(flows: dict[FlowKey, list[int]]) -> dict:
     return {
         "flows": [
             [proto, local.hex(), lport, remote.hex(), rport, *reading]
-            for (proto, local, lport, remote, rport), reading in flows.items()
+            for (proto, local, lport, remote, rport, _netns), reading in flows.items()
         ]
     }
 

@@ -6,7 +6,8 @@ continues their counts and a process that exits while no daemon runs is still re
 `unaccounted` records packets that reached the queue rule but no process's totals (see
 `coverage`), and `state` the counter value the last checkpoint settled. `offloaded_flows` holds,
 per namespace (`scope`), the element readings of offloaded flows that the checkpoint's totals
-include, so a daemon restarted after a crash credits exactly what its elements counted since. The
+include, so a daemon restarted after a crash credits exactly what its elements counted since.
+Processes and gaps say their network namespace (`netns`: its name; NULL: the daemon's own). The
 file is plain SQLite in WAL mode: sqlite-utils and Datasette open it without help.
 
 Command lines are other users' secrets: the file and its -wal and -shm are root's alone (0600),
@@ -39,17 +40,17 @@ from .tables import COUNTER_NAMES
 
 log = logging.getLogger("nfacct")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_DB = "/var/lib/nfacct/nfacct.db"
 SIDECARS = ("-wal", "-shm")  # SQLite's companions of a WAL database, named after it
 
-_facts = {"pid": int, "btime": float, "command": str, "cmdline": str, "uid": int, "cgroup": str}
+_facts = {"pid": int, "btime": float, "command": str, "cmdline": str, "uid": int, "cgroup": str, "netns": str}
 _counters = dict.fromkeys(COUNTER_NAMES, int)
 EXITED_COLUMNS = (*_facts, "exit_time", *COUNTER_NAMES)
 LIVE_COLUMNS = (*_facts, "checkpoint_time", *COUNTER_NAMES)
 OFFLOAD_COLUMNS = ("out_packets", "out_bytes", "in_packets", "in_bytes")
 NAME_COLUMNS = ("command", "cmdline", "cgroup")  # TEXT, or BLOB when not UTF-8 (text.to_sql)
-BY_COLUMNS = {"command": "command", "uid": "uid", "cgroup": "cgroup", "pid": "pid"}
+BY_COLUMNS = {"command": "command", "uid": "uid", "cgroup": "cgroup", "pid": "pid", "netns": "netns"}
 # The unit (nfacct.units) is derived from the cgroup at query time, not stored: the mapping can
 # improve without a migration, and rows written before it have a unit too.
 BY_COLUMNS["unit"] = "nfacct_unit(cgroup)"
@@ -93,7 +94,7 @@ def _migrate(db: sqlite_utils.Database) -> None:
         )
     if version < 2:
         db["unaccounted"].create(
-            {"start": float, "end": float, "packets": int, "reason": str}, if_not_exists=True
+            {"start": float, "end": float, "packets": int, "reason": str, "netns": str}, if_not_exists=True
         )
         db["unaccounted"].create_index(["end"], if_not_exists=True)
         db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
@@ -103,6 +104,10 @@ def _migrate(db: sqlite_utils.Database) -> None:
             pk=("scope", "flow"),
             if_not_exists=True,
         )
+    if version < 4:  # one daemon, several namespaces: each row says its own
+        for table in ("exited_tasks", "live_tasks", "unaccounted"):
+            if db[table].exists() and "netns" not in db[table].columns_dict:
+                db[table].add_column("netns", str)
     # Later versions add their steps here, each guarded by `if version < N`.
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -346,7 +351,7 @@ class Store:
         changed: list[dict],
         gaps: list[dict] = (),
         state: dict[str, str] | None = None,
-        offloaded: Offloaded | None = None,
+        offloaded: list[Offloaded] = (),
     ) -> None:
         """Update the checkpoint of live processes with the rows that `changed` since the last
         one (exited processes leave it through `save_exited`); record `gaps`, `state` and the
@@ -364,14 +369,14 @@ class Store:
                 self.db["unaccounted"].insert_all(gaps)
             if state:
                 self.db["state"].upsert_all([{"key": k, "value": v} for k, v in state.items()], pk="key")
-            if offloaded is not None:
+            for scope in offloaded:
                 self.db.conn.executemany(
                     "INSERT OR REPLACE INTO offloaded_flows VALUES (?, ?, ?, ?, ?, ?)",
-                    [(offloaded.scope, flow, *reading) for flow, reading in offloaded.credited.items()],
+                    [(scope.scope, flow, *reading) for flow, reading in scope.credited.items()],
                 )
                 self.db.conn.executemany(
                     "DELETE FROM offloaded_flows WHERE scope = ? AND flow = ?",
-                    [(offloaded.scope, flow) for flow in offloaded.forgotten],
+                    [(scope.scope, flow) for flow in scope.forgotten],
                 )
         self.writes += 1
 
@@ -409,7 +414,8 @@ class Store:
         self, since: float | None, until: float | None, by: str, pid: int | None = None
     ) -> list[dict]:
         """Top talkers among processes that exited in [since, until] (with this `pid`, if given),
-        grouped by `by`.
+        grouped by `by`. Each row says its namespaces (`netns`: the names, comma-separated; None:
+        the daemon's own namespace only) unless it is grouped by them.
 
         A name is TEXT or BLOB by its bytes alone, so equal names always fall in one group."""
         if by not in BY_COLUMNS:
@@ -426,8 +432,9 @@ class Store:
         if pid is not None:
             where.append("pid = ?")
             params.append(pid)
+        namespaces = "" if by == "netns" else ", GROUP_CONCAT(DISTINCT netns) AS netns"
         sql = (
-            f"SELECT {col} AS {by}, COUNT(*) AS processes, {sums} FROM exited_tasks"
+            f"SELECT {col} AS {by}, COUNT(*) AS processes, {sums}{namespaces} FROM exited_tasks"
             + (f" WHERE {' AND '.join(where)}" if where else "")
             + f" GROUP BY {col} ORDER BY SUM(tcpsndbytes + tcprcvbytes + udpsndbytes + udprcvbytes) DESC"
         )

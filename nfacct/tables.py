@@ -20,8 +20,12 @@ COUNTER_NAMES = (
 )  # fmt: skip
 NCOUNTERS = len(COUNTER_NAMES)
 
-# Flow key: (proto, local address, local port, remote address, remote port).
-FlowKey = tuple[int, bytes, int, bytes, int]
+# Flow key: (proto, local address, local port, remote address, remote port, netns). `netns` names
+# the namespace the flow lives in (None: the daemon's own): two namespaces may both have a flow
+# 127.0.0.1:5000 → 127.0.0.1:80, and they are two flows. It comes last so that the fields before
+# it keep their places. The kernel's view of a flow (nfacct.flowsets) is the first five.
+FlowKey = tuple[int, bytes, int, bytes, int, str | None]
+Flow = tuple[int, bytes, int, bytes, int]  # a flow as the kernel's flow sets know it: no namespace
 
 
 def counter_base(proto: int) -> int:
@@ -64,6 +68,7 @@ class TaskInfo:
     uid: int
     cgroup: str = ""
     counters: list[int] = field(default_factory=new_counters)
+    netns: str | None = None  # the namespace of its first attributed flow (None: the daemon's own)
     exit_time: float | None = None
     saved: list[int] | None = None  # counters as last written to exited_tasks
     checkpointed: list[int] | None = None  # counters as last written to live_tasks
@@ -77,6 +82,7 @@ class TaskInfo:
             "cmdline": self.cmdline,
             "uid": self.uid,
             "cgroup": self.cgroup,
+            "netns": self.netns,
         }
         d.update(zip(COUNTER_NAMES, self.counters, strict=True))
         return d
@@ -167,7 +173,8 @@ class Tables:
         self.config = config or GcConfig()
         self.socks: dict[FlowKey, SockInfo] = {}
         self._addresses: dict[bytes, bytes] = {}  # one object per address (_shared)
-        self._by_port: dict[tuple[int, int], set[FlowKey]] = {}  # (proto, local port) → flows
+        # (proto, local port, netns) → flows
+        self._by_port: dict[tuple[int, int, str | None], set[FlowKey]] = {}
         self.tasks: dict[tuple[int, float], TaskInfo] = {}
         self.running: dict[int, TaskInfo] = {}  # pid → task not yet seen exiting
         # Flows nobody could be found for, by the uid of their socket (the queue says it even when
@@ -184,7 +191,14 @@ class Tables:
         self.offload_again: list[FlowKey] = []  # settled flows on the queue path, seen by GC
 
     def task(
-        self, pid: int, btime: float, comm: str, cmdline: str, uid: int, cgroup: str = ""
+        self,
+        pid: int,
+        btime: float,
+        comm: str,
+        cmdline: str,
+        uid: int,
+        cgroup: str = "",
+        netns: str | None = None,
     ) -> TaskInfo | None:
         """The task (pid, btime), created if new; None when the table is full (counted as overflow)."""
         key = (pid, btime)
@@ -193,7 +207,7 @@ class Tables:
             if len(self.tasks) >= self.config.max_taskinfo:
                 self.task_overflow += 1
                 return None
-            task = self.tasks[key] = TaskInfo(pid, btime, comm, cmdline, uid, cgroup)
+            task = self.tasks[key] = TaskInfo(pid, btime, comm, cmdline, uid, cgroup, netns=netns)
             self.running[pid] = task
         return task
 
@@ -235,7 +249,7 @@ class Tables:
     def add_sock(self, key: FlowKey, now: float, uid: int = NO_UID) -> SockInfo:
         key = self._shared(key)
         si = self.socks[key] = SockInfo(key, now, uid)
-        self._by_port.setdefault((key[0], key[2]), set()).add(key)
+        self._by_port.setdefault((key[0], key[2], key[5]), set()).add(key)
         return si
 
     def _shared(self, key: FlowKey) -> FlowKey:
@@ -253,7 +267,7 @@ class Tables:
         if si.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK):
             si.give_up(self.unidentified_for(si.uid))
         del self.socks[si.key]
-        port = (si.key[0], si.key[2])
+        port = (si.key[0], si.key[2], si.key[5])
         keys = self._by_port[port]
         keys.discard(si.key)
         if not keys:
@@ -261,11 +275,14 @@ class Tables:
         if si.task is not None:
             si.task.socks.discard(si.key)
 
-    def closed(self, proto: int, local: bytes, lport: int, remote: bytes, rport: int) -> int:
-        """The kernel freed this socket: mark the flows it served (GC removes them soon)."""
+    def closed(
+        self, netns: str | None, proto: int, local: bytes, lport: int, remote: bytes, rport: int
+    ) -> int:
+        """The kernel freed this socket of namespace `netns`: mark the flows it served (GC
+        removes them soon)."""
         marked = 0
-        for key in self._by_port.get((proto, lport), ()):
-            _p, k_local, _lp, k_remote, k_rport = key
+        for key in self._by_port.get((proto, lport, netns), ()):
+            _p, k_local, _lp, k_remote, k_rport, _ns = key
             if (local == k_local or not any(local)) and (
                 rport == 0 or (remote == k_remote and rport == k_rport)
             ):
@@ -273,10 +290,11 @@ class Tables:
                 marked += 1
         return marked
 
-    def close_all_but(self, live: set[tuple[int, int]]) -> None:
-        """Dump fallback: flows whose (proto, local port) no socket holds any more are closed."""
-        for port, keys in self._by_port.items():
-            if port not in live:
+    def close_all_but(self, netns: str | None, live: set[tuple[int, int]]) -> None:
+        """Dump fallback: flows of namespace `netns` whose (proto, local port) no socket holds
+        any more are closed."""
+        for (proto, lport, ns), keys in self._by_port.items():
+            if ns == netns and (proto, lport) not in live:
                 for key in keys:
                     self._close(self.socks[key])
 
@@ -355,11 +373,11 @@ class Tables:
         index = {id(t): i for i, t in enumerate(tasks)}
         socks = []
         for si in self.socks.values():
-            proto, local, lport, remote, rport = si.key
+            proto, local, lport, remote, rport, netns = si.key
             own = si.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK)
             socks.append(
                 {
-                    "key": [proto, local.hex(), lport, remote.hex(), rport],
+                    "key": [proto, local.hex(), lport, remote.hex(), rport, netns],
                     "state": si.state,
                     "counters": si.counters if own else None,
                     "task": index[id(si.task)] if si.task is not None else None,
@@ -389,8 +407,8 @@ class Tables:
             add_counters(self.unidentified_for(int(uid)), bucket)
         lookups = []
         for d in state["socks"]:
-            proto, local, lport, remote, rport = d["key"]
-            key = (proto, bytes.fromhex(local), lport, bytes.fromhex(remote), rport)
+            proto, local, lport, remote, rport, netns = d["key"]
+            key = (proto, bytes.fromhex(local), lport, bytes.fromhex(remote), rport, netns)
             si = self.add_sock(key, d["last_seen"], d["uid"])
             si.closed = d["closed"]
             si.offload = d["offload"]
@@ -413,8 +431,9 @@ class Tables:
 
 # The layout of `export()`. A daemon refuses to take over tables of another format (an upgrade
 # that changes them restarts instead, and the gap is recorded); format 1 was positional lists.
-# 3: unidentified traffic by uid; 4: offloaded flows' credited readings; 5: each flow's own count
-HANDOVER_FORMAT = 5
+# 3: unidentified traffic by uid; 4: offloaded flows' credited readings; 5: each flow's own count;
+# 6: flows and tasks say their netns
+HANDOVER_FORMAT = 6
 
 
 class HandoverError(Exception):

@@ -2,9 +2,9 @@
 
 A poll is a `Snapshot` (the daemon's `top` and `status` answers). `rows` compares two of them:
 each process's bytes since the previous poll, divided by the time between the daemon's two
-answers, is its rate; processes are grouped by process, command, user, cgroup or unit (the
-container or systemd unit of the cgroup: `units`), and sorted by current rate.
-`display.top_screen` lays them out for a terminal.
+answers, is its rate; processes are grouped by process, command, user, cgroup, unit (the
+container or systemd unit of the cgroup: `units`) or network namespace, and sorted by current
+rate. `display.top_screen` lays them out for a terminal.
 
 A process appears in the daemon's table at its first packet and leaves it after its exit, once
 written to the database and its flows are collected (the GC cycle, 15 s by default). One that
@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from . import units
 from .tables import COUNTER_NAMES
 
-GROUPINGS = ("process", "command", "user", "cgroup", "unit")
-# s: the cgroup (systemd service or slice); t: its unit or container (nfacct.units)
-KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup", "t": "unit"}
+GROUPINGS = ("process", "command", "user", "cgroup", "unit", "netns")
+# s: the cgroup (systemd service or slice); t: its unit or container (nfacct.units); n: the network namespace
+KEYS = {"p": "process", "c": "command", "u": "user", "s": "cgroup", "t": "unit", "n": "netns"}
+OWN_NETNS = "(own)"  # how the daemon's own namespace is shown
 EXITED_NOW = "X"  # exited since the previous poll
 EXITED_BEFORE = "x"  # exited earlier, still in the daemon's table
 SEND = ("tcpsndbytes", "udpsndbytes")
@@ -79,6 +80,8 @@ def _label(task: dict, by: str, user_name: Callable[[int], str]) -> str:
         return task["cgroup"] or "(unknown cgroup)"
     if by == "unit":
         return units.shown(task["cgroup"])
+    if by == "netns":
+        return task.get("netns") or OWN_NETNS
     return task["comm"]
 
 
@@ -137,13 +140,16 @@ class Health:
 
 
 def health(status: dict) -> Health:
-    eng, queue = status["engine"], status["queue"]
+    eng = status["engine"]
     drops = None
-    if "queue_dropped" in queue:  # the kernel's line for our queue was found
-        drops = queue["queue_dropped"] + queue["user_dropped"]
+    # Every namespace's queue (a daemon older than several namespaces: its one queue).
+    queues = [ns["queue"] for ns in status.get("namespaces", [])] or [status["queue"]]
+    found = [q for q in queues if "queue_dropped" in q]  # the kernel's line for the queue was found
+    if found:
+        drops = sum(q["queue_dropped"] + q["user_dropped"] for q in found)
     return Health(
         packets=eng["packets"],
-        unaccounted=status.get("coverage", {}).get("unaccounted"),
+        unaccounted=status.get("unaccounted", status.get("coverage", {}).get("unaccounted")),
         unidentified=sum(v for k, v in eng["unidentified"].items() if k.endswith("packs")),
         malformed=eng["malformed_total"],
         queue_drops=drops,

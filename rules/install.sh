@@ -143,10 +143,10 @@ for tool in nft:nftables iptables-nft:iptables ip6tables-nft:iptables; do
 done
 if [ -n "${NETNS+set}" ]; then
 	case $NETNS in
-	'' | . | .. | */*) die "invalid network namespace name: '$(shown "$NETNS")'" ;;
+	'' | . | .. | */*) bad_option "invalid network namespace name: '$(shown "$NETNS")'" ;;
 	esac
 	[ -e "$NETNS_RUN_DIR/$NETNS" ] ||
-		die "network namespace '$(shown "$NETNS")' does not exist (no $NETNS_RUN_DIR/$(shown "$NETNS"); see \`ip netns list\`)"
+		bad_option "network namespace '$(shown "$NETNS")' does not exist (no $NETNS_RUN_DIR/$(shown "$NETNS"); see \`ip netns list\`)"
 	command -v ip >/dev/null 2>&1 || die "ip not found: install the iproute2 package"
 fi
 

@@ -127,9 +127,9 @@ def until(what, expected, within: float = 10.0):
 
 
 def udp_out(sport: int) -> tuple[bytes, tuple]:
-    """An outgoing 100-byte UDP datagram from port `sport`, and its flow key."""
+    """An outgoing 100-byte UDP datagram from port `sport`, and its flow key (in our namespace)."""
     pkt = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=53) / (b"q" * 72))
-    return pkt, (17, bytes([10, 0, 0, 1]), sport, bytes([10, 0, 0, 2]), 53)
+    return pkt, (17, bytes([10, 0, 0, 1]), sport, bytes([10, 0, 0, 2]), 53, None)
 
 
 def facts(pid: int) -> ProcessFacts:

@@ -37,13 +37,13 @@ def nfacct(*args: str) -> subprocess.CompletedProcess:
     [
         pytest.param(
             ("rules", "install", "--netns", "nfacct-missing-ns"),
-            1,
+            2,  # a mistake on the command line, as argparse's own are
             "network namespace 'nfacct-missing-ns' does not exist",
             marks=pytest.mark.root,  # without root: "managing nftables rules needs root"
         ),
         (
             ("run", "--netns", "nfacct-missing-ns", "--control", "/tmp/nfacct-test-missing.sock"),
-            1,
+            2,
             "does not exist",
         ),
         (
@@ -203,8 +203,8 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
     conn.close()
     store = Store(db)
     try:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-        assert [r["command"] for r in store.exited()] == ["old"]
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert [(r["command"], r["netns"]) for r in store.exited()] == [("old", None)]
         assert store.unaccounted() == (0, 0)
         assert store.state("covered:") is None
         assert store.offloaded("covered:") == {}

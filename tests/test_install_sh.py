@@ -303,10 +303,10 @@ BAD_INPUT = {  # arguments, exit status (nfacct's), the error line after "instal
                   "(0x10000000), not 'bit'"),
     "daemon-mark": (["--offload-mark", "0x40"], 1, "offload mark 0x40 overlaps the daemon's own mark "
                     "0x6e666163"),
-    "no-netns": (["--netns", "nfacct-no-such-ns"], 1, "network namespace 'nfacct-no-such-ns' does not "
+    "no-netns": (["--netns", "nfacct-no-such-ns"], 2, "network namespace 'nfacct-no-such-ns' does not "
                  "exist (no /run/netns/nfacct-no-such-ns; see `ip netns list`)"),
-    "netns-path": (["--netns", "../etc"], 1, "invalid network namespace name: '../etc'"),
-    "hostile-netns": (["--netns", "a\x1b[2Jb\nc"], 1, "network namespace 'a?[2Jb?c' does not exist "
+    "netns-path": (["--netns", "../etc"], 2, "invalid network namespace name: '../etc'"),
+    "hostile-netns": (["--netns", "a\x1b[2Jb\nc"], 2, "network namespace 'a?[2Jb?c' does not exist "
                       "(no /run/netns/a?[2Jb?c; see `ip netns list`)"),
 }  # fmt: skip
 

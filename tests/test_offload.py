@@ -356,14 +356,18 @@ def test_a_flow_removed_and_added_again_during_a_reading_is_not_counted_twice(la
     (UDP on the namespace's loopback, counted by the element)."""
     lab.run(lab.acct, ["ip", "link", "set", "lo", "up"])
     engine = Engine()
-    offloader = Offloader(FlowSets(lab.acct), engine, Faults(), limit=100)
+    offloader = Offloader(FlowSets(lab.acct), engine, Faults(), limit=100, netns=lab.acct)
+
+    def flush() -> None:
+        offloader.flush(engine.take_withdrawals(), engine.take_offloadable())
+
     try:
         lo = bytes([127, 0, 0, 1])
         sport, dport = free_port(), free_port()
-        flow = (17, lo, sport, lo, dport)
+        flow = (17, lo, sport, lo, dport, lab.acct)
         engine.tables.add_sock(flow, time.monotonic())
         engine.apply_answers([Answer(flow, facts(4242))])
-        offloader.flush()
+        flush()
         assert offloader.flows == 1
         send = (
             "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
@@ -379,7 +383,7 @@ def test_a_flow_removed_and_added_again_during_a_reading_is_not_counted_twice(la
         assert offloader.reading
         offloader.withdraw([flow])  # the element goes, its last count credited (none new)
         engine.apply_answers([Answer(flow, facts(4242))])
-        offloader.flush()  # a new element, counting from zero
+        flush()  # a new element, counting from zero
         while offloader.reading:
             offloader.step()
         assert task.counters[4:6] == [100, 100 * 100], "the old element's count came back from the dump"

@@ -523,7 +523,7 @@ def test_flows_go_to_the_socket_that_receives_them():
 
 
 def test_the_daemons_answer_carries_each_flow_and_its_count():
-    key = (17, bytes([10, 0, 0, 1]), 53, bytes([10, 0, 0, 2]), 7)
+    key = (17, bytes([10, 0, 0, 1]), 53, bytes([10, 0, 0, 2]), 7, None)  # the engine's key: flow, netns
     answer = json.loads(json.dumps(sockview.flows_answer({key: [1, 2, 3, 4]})))
     assert answer == {"flows": [[17, "0a000001", 53, "0a000002", 7, 1, 2, 3, 4]]}
 

@@ -411,7 +411,7 @@ def test_top_history_and_metrics_show_units_with_the_kernels_counts(lab, metered
         found = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
         return {r["unit"]: r for r in found if r["unit"] in expected}
 
-    want_history = {u: {"unit": u, "processes": 1, **c} for u, c in expected.items()}
+    want_history = {u: {"unit": u, "processes": 1, **c, "netns": lab.acct} for u, c in expected.items()}
     assert until(history, want_history) == want_history
     table = subprocess.run(
         [sys.executable, "-m", "nfacct", "history", "--db", metered.db, "--by", "unit"],

@@ -66,9 +66,10 @@ class RulesState:
 
 
 class Rules:
-    """The nfacct ruleset of one network namespace (None: the namespace we run in)."""
+    """The nfacct ruleset of one network namespace (None: the namespace we run in); `path`, a
+    file that enters it (nfacct.netns.Held), reaches it even once its name is gone."""
 
-    def __init__(self, netns_name: str | None = None):
+    def __init__(self, netns_name: str | None = None, path: str | None = None):
         self.netns = netns_name
         if os.geteuid() != 0:
             raise RulesError("managing nftables rules needs root (CAP_NET_ADMIN); run with sudo")
@@ -77,7 +78,7 @@ class Rules:
                 raise RulesError(f"{tool} not found: install the {package} package")
         if netns_name is not None:
             netns.netns_path(netns_name)  # raises NetnsError with a clear message
-        self._ns = Namespace(netns_name)
+        self._ns = Namespace(netns_name, path)
         self._native = NftBackend(self._ns)
         # The native backend first: `show` and `queue_rules` look at it first, as they always have.
         self._backends: dict[str, Backend] = {b.name: b for b in (self._native, IptablesBackend(self._ns))}

@@ -54,14 +54,19 @@ def _reason(proc: subprocess.CompletedProcess) -> str:
 class Namespace:
     """Runs commands in one network namespace (None: the namespace we run in)."""
 
-    def __init__(self, name: str | None):
+    def __init__(self, name: str | None, path: str | None = None):
         self.name = name
+        self.path = path  # a file that enters the namespace (nfacct.netns.Held), used instead of the name
 
     def run(
         self, argv: list[str], check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            netns.command(argv, self.name), input=stdin, capture_output=True, text=True, check=False
+            netns.command(argv, self.name, self.path),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if check and proc.returncode != 0:
             raise RulesError(f"{' '.join(argv[:3])} failed: {_reason(proc)}")
