@@ -17,33 +17,31 @@ import selectors
 import socket
 import statistics
 import time
-from types import SimpleNamespace
 
-from nfacct.coverage import Coverage
 from nfacct.engine import Engine
 from nfacct.faults import Faults
-from nfacct.metrics import Metrics
+from nfacct.metrics import Health, Metrics
 from nfacct.tables import GcConfig
 
 
-def service(tasks: int, commands: int) -> SimpleNamespace:
+def engine_with(tasks: int, commands: int) -> Engine:
     engine = Engine(config=GcConfig(max_taskinfo=tasks))
     for pid in range(1, tasks + 1):
         comm = f"cmd{pid % commands}"
         task = engine.tables.task(pid, 1000.0 + pid, comm, "cmd --flag", pid % 50, "/user.slice")
         task.counters[:] = [pid, 100 * pid] * 4
         for n in range(2):  # two flows each, as sockinfo
-            key = (6, bytes([10, 0, 0, 1]), 10000 + n, bytes([10, 0, 0, 2]), pid)
+            key = (6, bytes([10, 0, 0, 1]), 10000 + n, bytes([10, 0, 0, 2]), pid, None)
             engine.tables.add_sock(key, 0.0).resolve(task)
-    return SimpleNamespace(
-        engine=engine,
-        snapshot=lambda: {"time": time.time(), "tasks": engine.top()},
-        persistence=SimpleNamespace(coverage=Coverage(0, 0.0)),
-        queue=SimpleNamespace(kernel_stats=lambda: None),
-        guard=SimpleNamespace(accepted=0),
-        faults=Faults(),
-        config=SimpleNamespace(takeover=False),
-    )
+    return engine
+
+
+def health(engine: Engine) -> Health:
+    e = engine.status()
+    return Health(
+        e["packets"], e["malformed"], e["unidentified_by_uid"], 0, None, 0,
+        e["sockinfo"], e["sockinfo_overflow"], e["taskinfo"], e["taskinfo_overflow"], 0,
+    )  # fmt: skip
 
 
 def free_port() -> int:
@@ -60,13 +58,14 @@ def main() -> None:
     head = ("commands", "series", "body", "loop p50", "max", "thread p50", "max")
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, (9, 7, 9, 11, 8, 11, 8), strict=True)))
     for commands in (100, args.tasks):
-        svc = service(args.tasks, commands)
+        engine = engine_with(args.tasks, commands)
         with selectors.DefaultSelector() as sel:
-            metrics = Metrics(("127.0.0.1", free_port()), svc, sel)
+            address = ("127.0.0.1", free_port())
+            metrics = Metrics(address, engine.top, lambda e=engine: health(e), Faults(), sel)
             metrics.baseline()
             loop, thread = [], []
             for _ in range(args.scrapes):
-                for task in svc.engine.tables.tasks.values():
+                for task in engine.tables.tasks.values():
                     task.counters[1] += 1500
                 start = time.perf_counter()
                 render = metrics.prepare()

@@ -43,8 +43,9 @@ from .tables import COUNTER_NAMES, NCOUNTERS
 
 if TYPE_CHECKING:
     import selectors
+    from collections.abc import Callable
 
-    from .service import Service
+    from .faults import Faults
 
 log = logging.getLogger("nfacct")
 
@@ -117,23 +118,6 @@ class Health:
     taskinfo: int
     taskinfo_overflow: int
     faults: int
-
-
-def read_health(service: Service) -> Health:
-    engine = service.engine.status()  # fresh dicts, no reference into the tables
-    return Health(
-        packets=engine["packets"],
-        malformed=engine["malformed"],
-        unidentified_by_uid=engine["unidentified_by_uid"],
-        unaccounted=service.persistence.unaccounted,
-        kernel=service.kernel_stats(),  # every namespace's queue added up
-        guard_accepted=service.guard_accepted,
-        sockinfo=engine["sockinfo"],
-        sockinfo_overflow=engine["sockinfo_overflow"],
-        taskinfo=engine["taskinfo"],
-        taskinfo_overflow=engine["taskinfo_overflow"],
-        faults=sum(service.faults.counts.values()),
-    )
 
 
 @dataclass(frozen=True)
@@ -260,33 +244,42 @@ def health(h: Health) -> Iterator[Metric]:
 class Metrics:
     """The daemon's metrics: the aggregates, and the endpoint serving them."""
 
-    def __init__(self, address: tuple[str, int], service: Service, selector: selectors.BaseSelector):
-        self.service = service
+    def __init__(
+        self,
+        address: tuple[str, int],
+        snapshot: Callable[[], list[dict]],
+        health: Callable[[], Health],
+        faults: Faults,
+        selector: selectors.BaseSelector,
+        share: bool = False,
+    ):
+        """`snapshot` gives every task with its counters (what `top` shows), `health` the
+        daemon's own figures, both as of now; `share`: a takeover's successor listens beside
+        its predecessor until that one exits."""
+        self.snapshot, self.health, self.faults = snapshot, health, faults
         self.aggregates = Aggregates()
         self._loop_seconds = self._render_seconds = 0.0
-        # A takeover's successor listens beside its predecessor until that one exits.
-        share = service.config.takeover
-        self.endpoint = scrape.Endpoint(address, self.prepare, selector, service.faults, share)
+        self.endpoint = scrape.Endpoint(address, self.prepare, selector, faults, share)
         log.info("Prometheus metrics at http://%s:%d%s", *self.endpoint.address, scrape.PATH)
 
     def baseline(self) -> None:
         """Take the tasks the daemon starts with (restored or handed over) as counted."""
-        self.aggregates.baseline(self.service.snapshot())
+        self.aggregates.baseline(self.snapshot())
 
     def refresh(self) -> None:
         """Fold the tasks' counts in now; before a GC, so that nothing it drops goes unfolded."""
         try:
-            self.aggregates.fold(self.service.snapshot())
+            self.aggregates.fold(self.snapshot())
         except Exception as e:  # a bug must not stop the GC that follows
-            self.service.faults.record("metrics fold", e)
+            self.faults.record("metrics fold", e)
 
     def prepare(self) -> scrape.Render:
         """In the loop: fold, and copy what the worker thread will render."""
         start = time.perf_counter()
-        self.aggregates.fold(self.service.snapshot())
+        self.aggregates.fold(self.snapshot())
         frozen = Frozen(
             traffic=[(labels, list(total)) for labels, total in self.aggregates.totals.items()],
-            health=read_health(self.service),
+            health=self.health(),
             label_set_limit=self.aggregates.limit,
             answered=self.endpoint.answered,
             dropped=self.endpoint.dropped,

@@ -33,7 +33,7 @@ from .events import EventsUnavailable, ProcConnector
 from .faults import Faults
 from .files import remove_dirs
 from .flowsets import OffloadError
-from .metrics import Metrics
+from .metrics import Health, Metrics
 from .namespace import Namespace, label
 from .netns import is_pattern
 from .notify import STATUS_PERIOD, Notifier, status_line
@@ -142,8 +142,10 @@ class Service:
         if not cfg.takeover:
             for ns in self.spaces.values():
                 self._claim(ns)  # refuses at once if another daemon accounts the namespace
-        self.metrics = Metrics(cfg.metrics, self, self._sel) if cfg.metrics else None  # refuses a taken port
-        if self.metrics:
+        self.metrics = None
+        if cfg.metrics:  # refuses a taken port
+            share = cfg.takeover  # a successor listens beside its predecessor until that one exits
+            self.metrics = Metrics(cfg.metrics, self.snapshot, self._health, self.faults, self._sel, share)
             self._resources.callback(self.metrics.close)
         # Opened before the queue moves: its integrity check and migration (1.3 s for 93 MB
         # from a cold disk) must not hold the packets a takeover's new queue collects.
@@ -493,6 +495,23 @@ class Service:
     @property
     def handed_over(self) -> bool:
         return self._handing_over
+
+    def _health(self) -> Health:
+        """The daemon's own figures for the metrics."""
+        engine = self.engine.status()  # fresh dicts, no reference into the tables
+        return Health(
+            packets=engine["packets"],
+            malformed=engine["malformed"],
+            unidentified_by_uid=engine["unidentified_by_uid"],
+            unaccounted=self.persistence.unaccounted,
+            kernel=self.kernel_stats(),  # every namespace's queue added up
+            guard_accepted=self.guard_accepted,
+            sockinfo=engine["sockinfo"],
+            sockinfo_overflow=engine["sockinfo_overflow"],
+            taskinfo=engine["taskinfo"],
+            taskinfo_overflow=engine["taskinfo_overflow"],
+            faults=sum(self.faults.counts.values()),
+        )
 
     def kernel_stats(self) -> KernelQueueStats | None:
         """Every namespace's queue figures added up (None: no queue line found)."""
