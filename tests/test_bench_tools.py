@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bench import modes, summary
 from lab.hosts import ACCT_V4, PEER_V4, Counters, stop_all
 from nfacct.rules import Rules
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ECHO, SINK = 7000, 9000
 UDP_OVERHEAD = 28  # IPv4 + UDP headers: nft counts the IP length
@@ -152,3 +156,13 @@ def test_exactness_names_the_largest_gap():
     assert summary.exactness([exact, short]) == "-3 packets udpsnd (1/2 runs)"
     assert summary.exactness([longer, exact]) == "+1,500 bytes tcprcv (1/2 runs)"
     assert summary.exactness([{"kpps": 1.0}]) == "-"  # no daemon, nothing to compare
+
+
+def test_the_metrics_scrape_bench_runs():
+    """bench/metrics_scrape.py drives Metrics with an engine of its own: it had fallen behind a
+    change of the daemon once and crashed only in `make bench`."""
+    argv = [sys.executable, "bench/metrics_scrape.py", "--tasks", "300", "--scrapes", "1"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("100", "813"), ("300", "2,413")]  # commands, series
