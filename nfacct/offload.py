@@ -153,10 +153,10 @@ class Offloader:
             raise
         for el, (packets, nbytes) in got:
             flow = flow_of(el)
-            if flow is not None and self.key(flow) not in self._touched:
-                self.engine.credit_element(
-                    self.key(flow), 0 if el.set.startswith("out") else 2, packets, nbytes, started
-                )
+            key = None if flow is None else self.key(flow)
+            if key is not None and key not in self._touched:
+                i = 0 if el.set.startswith("out") else 2
+                self.engine.credit_element(key, i, packets, nbytes, started)
         self._cost += time.monotonic() - started
         if done:
             self.read_at, self.read_seconds, self._began = self._began, self._cost, None
@@ -165,7 +165,7 @@ class Offloader:
     def withdraw(self, flows: list[FlowKey]) -> None:
         """Remove the flows' elements, crediting each with its last count as it goes."""
         if flows:
-            self._withdrawn(flows, *self.sets.remove(self._leaving(flows)))
+            self._withdrawn(flows, *self.sets.remove(self._changing(flows)))
 
     def flush(self, gone: list[FlowKey], ready: list[FlowKey]) -> None:
         """In one transaction: withdraw the flows that must go, and offload the flows settled
@@ -179,23 +179,21 @@ class Offloader:
         ready = ready[:room]
         if not gone and not ready:
             return
-        if self._began is not None:
-            self._touched.update(ready)
-        adds = [el for flow in ready for el in elements(flow[:5])]
-        last, refused = self.sets.change(self._leaving(gone), adds)
+        last, refused = self.sets.change(self._changing(gone), self._changing(ready))
         offered = {flow[:5] for flow in ready}
         adding = {el: code for el, code in refused.items() if flow_of(el) in offered}
         self._withdrawn(gone, last, {el: code for el, code in refused.items() if el not in adding})
         self._note_refused(adding, "adding")
-        failed = {flow_of(el) for el in adding}
+        failed = {flow_of(el) for el in adding}  # flows of `ready`: never None
         if failed:  # a flow goes whole or not at all: take back its other element
-            self.sets.remove([el for flow in failed if flow is not None for el in elements(flow)])
+            self.sets.remove([el for flow in failed for el in elements(flow)])
         done = [flow for flow in ready if flow[:5] not in failed]
         self.engine.offloaded_now(done)
         self.flows += len(done)
         self.added += len(done)
 
-    def _leaving(self, flows: list[FlowKey]) -> list[Element]:
+    def _changing(self, flows: list[FlowKey]) -> list[Element]:
+        """The elements of flows being added or removed; a reading under way skips them."""
         if self._began is not None:
             self._touched.update(flows)
         return [el for flow in flows for el in elements(flow[:5])]
