@@ -180,8 +180,13 @@ def is_alive(pid: int, btime: float) -> bool:
     return state != b"Z" and abs(started - btime) < 0.01
 
 
+FACTS_KEPT = 4096  # owners whose facts are kept; exit events keep the dict far smaller
+
+
 class SocketIndex:
-    """socket inode → (pid, fd), learned from /proc and refreshed on a miss.
+    """What /proc told us of processes: socket inode → (pid, fd), learned and refreshed on a
+    miss, and the facts of the owners found (`facts`). One for every accounted namespace: socket
+    inodes and pids are the host's.
 
     A miss is searched in order of likelihood: processes that recently owned new sockets (a
     client opening connection after connection), then processes of the socket's uid, then all,
@@ -195,6 +200,9 @@ class SocketIndex:
         # the index took 226 bytes a socket with tuples, 116 with one int (tracemalloc, 2026-11-25).
         self._owner: dict[int, int] = {}
         self._recent: deque[int] = deque(maxlen=self.RECENT)
+        # Facts of owners found before, by pid: a long-lived client's next connection costs one
+        # read of /proc/PID/stat (13 µs) instead of four reads (58 µs). Dropped on exec and exit.
+        self._facts: dict[int, ProcessFacts] = {}
         self.scans = 0
         self.full_scans = 0
 
@@ -242,6 +250,25 @@ class SocketIndex:
             self._scan(pid, fresh)
         self._owner = fresh
         return self._found(inode) if inode in fresh else None
+
+    def facts(self, pid: int) -> ProcessFacts | None:
+        """The facts of process `pid` (None: it is gone), kept until `forget`."""
+        facts = process_facts(pid, self._facts.get(pid))
+        if facts is None:
+            self._facts.pop(pid, None)
+        else:
+            if len(self._facts) >= FACTS_KEPT:
+                del self._facts[next(iter(self._facts))]  # the oldest entry
+            self._facts[pid] = facts
+        return facts
+
+    def forget(self, pid: int | None = None) -> None:
+        """Process `pid` execed or exited (None: any may have, events were lost): its facts are
+        read anew next time."""
+        if pid is None:
+            self._facts.clear()
+        else:
+            self._facts.pop(pid, None)
 
     def note_new_process(self, pid: int) -> None:
         """A fork: the child shares its parent's sockets and may soon open its own."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .faults import Faults
 from .packet import TCP, UDP
-from .procs import ProcessFacts, SocketIndex, process_facts
+from .procs import ProcessFacts, SocketIndex
 from .sockdiag import TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, SockDiag
 from .tables import FlowKey
 
@@ -28,7 +28,6 @@ TCP_CLOSE_WAIT = 8
 # A TCP socket without an inode may still be waiting in an accept queue in these states; in any
 # other (FIN_WAIT, TIME_WAIT, LAST_ACK...) every process that held it has closed it.
 TCP_ACCEPTABLE = (TCP_ESTABLISHED, TCP_SYN_RECV, TCP_CLOSE_WAIT)
-FACTS_KEPT = 4096  # owners whose facts are kept; exit events keep the dict far smaller
 
 
 def family_zero(addr: bytes) -> bytes:
@@ -69,35 +68,10 @@ class Resolver:
         self.gave_up = 0
         self.by_listener = 0  # closed accepted connections given to the listening socket's owner
         self.errors = 0  # failed attempts (a sock_diag error answer, /proc...): retried like misses
-        # Facts of owners found before, by pid: a long-lived client's next connection costs one
-        # read of /proc/PID/stat (13 µs) instead of four reads (58 µs). Dropped on exec and exit.
-        self._facts: dict[int, ProcessFacts] = {}
 
     @property
     def in_flight(self) -> int:
         return len(self._new) + len(self._retries)
-
-    def note_new_process(self, pid: int) -> None:
-        """A fork: the child is a likely owner of the next new socket (see SocketIndex)."""
-        self.index.note_new_process(pid)
-
-    def forget(self, pid: int | None = None) -> None:
-        """Process `pid` execed or exited (None: any may have, events were lost): its facts are
-        read anew next time."""
-        if pid is None:
-            self._facts.clear()
-        else:
-            self._facts.pop(pid, None)
-
-    def _facts_of(self, pid: int) -> ProcessFacts | None:
-        facts = process_facts(pid, self._facts.get(pid))
-        if facts is None:
-            self._facts.pop(pid, None)
-        else:
-            if len(self._facts) >= FACTS_KEPT:
-                del self._facts[next(iter(self._facts))]  # the oldest entry
-            self._facts[pid] = facts
-        return facts
 
     def status(self) -> dict:
         return {
@@ -136,14 +110,14 @@ class Resolver:
         if proto == TCP and entry.state == TCP_LISTEN and not last:
             return None
         pid = self.index.owner(entry.inode, entry.uid)
-        return self._facts_of(pid) if pid is not None else None
+        return self.index.facts(pid) if pid is not None else None
 
     def _listener_owner(self, zero: bytes, local: bytes, lport: int, ifindex: int) -> ProcessFacts | None:
         entry = self.sockdiag.lookup(TCP, local, lport, zero, 0, ifindex)
         if entry is None or entry.state != TCP_LISTEN or entry.inode == 0:
             return None
         pid = self.index.owner(entry.inode, entry.uid)
-        return self._facts_of(pid) if pid is not None else None
+        return self.index.facts(pid) if pid is not None else None
 
     def _try(self, n: int, key: FlowKey, ifindex: int, now: float, answers: list[Answer]) -> None:
         last = n == len(RETRY_DELAYS) - 1

@@ -267,13 +267,8 @@ class Service:
     def _exited(self, tgids: list[int], now: float) -> None:
         """Processes ended: settled at the turn's `_flush`, with the turn's other changes."""
         for tgid in tgids:
-            self._forget(tgid)
+            self.index.forget(tgid)
             self._exits.append((tgid, now))
-
-    def _forget(self, pid: int | None) -> None:
-        """Process `pid` execed or exited (None: any may have): every resolver reads its facts anew."""
-        for ns in self.spaces.values():
-            ns.resolver.forget(pid)
 
     def _flush(self) -> None:
         """The turn's changes to the flow sets, in one transaction per namespace: the flows that
@@ -338,14 +333,14 @@ class Service:
             elif ev.kind == "fork":
                 self.index.note_new_process(ev.tgid)
             elif ev.kind == "exec":
-                self._forget(ev.tgid)
+                self.index.forget(ev.tgid)
                 facts = process_facts(ev.tgid) if self.engine.is_running(ev.tgid) else None
                 if facts is not None:
                     self.engine.process_execed(facts)
         self._exited(exits, now)
         if self.events.overruns > self._seen_overruns:
             self._seen_overruns = self.events.overruns
-            self._forget(None)  # an exec may be among the lost events
+            self.index.forget()  # an exec may be among the lost events
             self._poll_liveness()  # events were lost: check every task once
 
     def _poll_liveness(self) -> None:
