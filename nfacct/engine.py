@@ -95,7 +95,8 @@ class Engine:
         si = tables.socks.get(key)
         if now is None:
             now = time.monotonic()
-        slot = counter_base(proto) + (0 if outgoing else 2)
+        way = 0 if outgoing else 2  # the direction's place in a flow's count and a protocol's counters
+        slot = counter_base(proto) + way
         if si is None:
             if len(tables.socks) >= tables.config.max_sockinfo:
                 tables.sock_overflow += 1
@@ -121,9 +122,8 @@ class Engine:
         c[slot] += 1
         c[slot + 1] += p.length
         f = si.flow
-        i = 0 if outgoing else 2
-        f[i] += 1
-        f[i + 1] += p.length
+        f[way] += 1
+        f[way + 1] += p.length
         return asked
 
     def failed(self, exc: Exception) -> None:
