@@ -50,9 +50,9 @@ LOADS = {"UDP 64 B": ["-u", "-b", "0", "-l", "64"], "TCP bulk": []}
 
 
 def run_ours(netns_name: str, stop: threading.Event, counted: list[int]) -> None:
-    def on_packet(pkt) -> None:
+    def on_packet(pkt) -> bool:
         parse(pkt.payload, pkt.length)
-        pkt.accept()
+        return True
 
     q = Queue(QUEUE, on_packet, netns_name)
     try:

@@ -124,7 +124,7 @@ def _accept_all(sock: socket.socket, buf: bytearray, view: memoryview, queue_num
             continue
         for m in netlink.messages(view[:n]):
             if m.type == _PACKET:
-                fields = parse_packet(view[:n], m)
+                fields = parse_packet(view[:n], m.start, m.end)
                 if fields is not None:  # read in the kernel's order: the last is the newest
                     newest, count = fields[0], count + 1
     if newest >= 0:

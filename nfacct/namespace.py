@@ -97,7 +97,7 @@ class Namespace:
 
     # ---- the queue and its rules ---------------------------------------------------------------
 
-    def bind(self, number: int, on_packet: Callable[[QueuedPacket, str | None], None], maxlen: int) -> None:
+    def bind(self, number: int, on_packet: Callable[[QueuedPacket, str | None], bool], maxlen: int) -> None:
         name = self.name
         self.queue = Queue(number, lambda pkt: on_packet(pkt, name), name, maxlen=maxlen)
         self._resources.callback(self.queue.close)

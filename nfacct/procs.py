@@ -152,8 +152,17 @@ def _real_uid(pid: int) -> int:
 
 
 def _read(pid: int, name: str) -> bytes:
-    with open(f"{PROC}/{pid}/{name}", "rb") as f:
-        return f.read()
+    # os.open and os.read, not open(): no buffered file object for a file read once. 4 µs less
+    # a file (7.7 against 12.0 µs for /proc/PID/stat, 2026-11-25), and a new process's facts
+    # read four files.
+    fd = os.open(f"{PROC}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 8192):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _joined(cmdline: bytes) -> str:

@@ -289,13 +289,12 @@ class Service:
 
     # ---- per packet ---------------------------------------------------------------------------
 
-    def _on_packet(self, pkt: QueuedPacket, netns_name: str | None) -> None:
+    def _on_packet(self, pkt: QueuedPacket, netns_name: str | None) -> bool:
+        """Count the packet; True: accept it now, False: it is held (see below)."""
         outgoing = pkt.hook == HOOK_LOCAL_OUT
         try:
             ifindex = pkt.outdev if outgoing else pkt.indev
-            asked = self.engine.account(
-                pkt.payload, outgoing, ifindex, length=pkt.length, uid=pkt.uid, netns=netns_name
-            )
+            asked = self.engine.account(pkt.payload, outgoing, ifindex, None, pkt.length, pkt.uid, netns_name)
         except Exception as e:  # a bug must cost one packet's attribution, never its verdict
             self.engine.failed(e)
             asked = False
@@ -307,8 +306,8 @@ class Service:
         # otherwise be gone, and its traffic unidentified or charged to the port's last owner.
         if asked and outgoing and len(self._held) < self._hold_max:
             self._held.append(pkt)
-        else:
-            pkt.accept()
+            return False
+        return True
 
     def _release_held(self) -> None:
         held, self._held = self._held, []

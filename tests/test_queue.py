@@ -21,9 +21,9 @@ def test_each_packet_comes_with_its_hook_device_and_length(lab):
     rules.install(queue=9)
     seen: list[QueuedPacket] = []
 
-    def keep(pkt: QueuedPacket) -> None:
+    def keep(pkt: QueuedPacket) -> bool:
         seen.append(pkt)
-        pkt.accept()
+        return True
 
     queue = Queue(9, keep, lab.acct)
     try:

@@ -55,7 +55,7 @@ def test_a_failed_start_takes_back_what_it_made(tmp_path):
     with Lab("nfst") as lab:
         rules = Rules(lab.acct)
         rules.install(queue=7)
-        squatter = Queue(7, lambda pkt: pkt.accept(), lab.acct)
+        squatter = Queue(7, lambda pkt: True, lab.acct)
         try:
             control, db = tmp_path / "c1/c2/control.sock", tmp_path / "d1/d2/nfacct.db"
             failed = nfacct_run(lab.acct, "--queue", "7", "--control", str(control), "--db", str(db))
