@@ -81,6 +81,7 @@ class Resolver:
             "by_listener": self.by_listener,
             "errors": self.errors,
             "proc_scans": self.index.scans,
+            "proc_probes": self.index.probes,
             "socket_index": len(self.index),
         }
 

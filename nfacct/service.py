@@ -525,7 +525,9 @@ class Service:
             spaces[0] if spaces else {"queue": {}, "offload": {"mode": "queue", "problem": "no namespace"}}
         )
         resolver = {k: sum(s["resolver"][k] for s in spaces) for k in RESOLVER_SUMS}
-        resolver.update(proc_scans=self.index.scans, socket_index=len(self.index))
+        resolver.update(
+            proc_scans=self.index.scans, proc_probes=self.index.probes, socket_index=len(self.index)
+        )
         return {
             "pid": os.getpid(),
             "faults": self.faults.status(),

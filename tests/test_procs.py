@@ -11,7 +11,7 @@ import psutil
 import pytest
 from conftest import SYSTEM_PYTHON, until
 
-from nfacct.procs import is_alive, process_facts
+from nfacct.procs import SocketIndex, is_alive, process_facts
 
 
 @pytest.fixture
@@ -62,3 +62,56 @@ def test_is_alive_tells_running_zombie_and_reused():
     assert not is_alive(p.pid, btime), "exited, not yet reaped"
     p.wait()
     assert not is_alive(p.pid, btime)
+
+
+HOLDER = """
+import os, socket, sys
+socks = {}
+def report(s):
+    socks[s.fileno()] = s
+    print(s.fileno(), os.fstat(s.fileno()).st_ino, flush=True)
+for line in sys.stdin:
+    cmd, n = line.split()
+    if cmd == "open":
+        for _ in range(int(n)):
+            report(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    else:  # reuse: close descriptor n, then open a socket, which takes the lowest free number
+        socks.pop(int(n)).close()
+        report(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.root
+def test_a_process_that_keeps_opening_sockets_is_probed_not_read_again():
+    """A process with 2,000 sockets opens 50 more: each is found by reading only the descriptors
+    above the highest known (no whole read of its directory); a descriptor number it reuses for
+    a new socket is found by the whole read the probe falls back to."""
+    holder = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+    def ask(line: str) -> list[tuple[int, int]]:
+        holder.stdin.write(line + "\n")
+        holder.stdin.flush()
+        out = []
+        while (answer := holder.stdout.readline().split()) != ["done"]:
+            out.append((int(answer[0]), int(answer[1])))
+        return out
+
+    try:
+        first = ask("open 2000")
+        index = SocketIndex()
+        assert index.owner(first[-1][1]) == holder.pid  # found by reading every process
+        scans = index.scans
+        more = ask("open 50")
+        assert [index.owner(inode) for _, inode in more] == [holder.pid] * 50
+        assert index.scans == scans and index.probes >= 1, "no directory read again"
+        [(fd, inode)] = ask(f"reuse {first[10][0]}")
+        assert fd == first[10][0], "the new socket took the number closed"
+        assert index.owner(inode) == holder.pid
+        assert index.scans == scans + 1, "the probe missed it, the whole read found it"
+        assert index.owner(first[10][1]) is None, "the closed socket has no owner"
+    finally:
+        holder.kill()
+        holder.wait()
