@@ -191,6 +191,12 @@ def daemon_table(res: dict) -> list[str]:
     return lines
 
 
+def run_peak_mib(flows: dict) -> float:
+    """The daemon's peak RSS over the whole 100,000-flow run: VmHWM once every flow had closed
+    (the closing costs memory too), or with every flow open in results from before it was kept."""
+    return flows.get("after_close", {}).get("hwm_mib", flows["peak"]["hwm_mib"])
+
+
 def flows_table(res: dict) -> list[str]:
     flows = res.get("flows")
     if not flows:
@@ -202,7 +208,7 @@ def flows_table(res: dict) -> list[str]:
                 "sockinfo",
                 "offloaded",
                 "set elements",
-                "RSS / peak MiB",
+                "RSS with every flow / peak of the run, MiB",
                 "set memory MiB",
                 "counts",
                 "missed",
@@ -223,7 +229,7 @@ def flows_table(res: dict) -> list[str]:
                     f"{peak['sockinfo']:,}",
                     f"{peak['offloaded']:,}",
                     f"{peak['elements']:,}",
-                    f"{peak['rss_mib']:.1f} / {peak['hwm_mib']:.1f}",
+                    f"{peak['rss_mib']:.1f} / {run_peak_mib(f):.1f}",
                     _num(mem, 1),
                     exactness([f]),
                     f"{f['check']['missed']:,}",
@@ -283,7 +289,7 @@ def _rss(mode: str, bound: float) -> Callable[[dict], tuple]:
         f = res.get("flows", {}).get(mode)
         if f is None:
             return "-", None
-        mb, held = f["peak"]["hwm_mib"] * 2**20 / 1e6, f["peak"]["sockinfo"]
+        mb, held = run_peak_mib(f) * 2**20 / 1e6, f["peak"]["sockinfo"]
         return f"{mb:.0f} MB with {held:,} flows", mb <= bound and held >= f["sockets"]
 
     return measure

@@ -230,14 +230,19 @@ class Engine:
         """The flow's elements are gone (after their last `credit`): its packets come to us again."""
         si = self.tables.socks.get(key)
         if si is not None and si.offload is not None:
-            si.offload = None
+            self.tables.withdrawn(si)
             self.forgotten.add(key)
 
-    def take_withdrawals(self) -> list[FlowKey]:
-        """Offloaded flows whose elements must go: socket closed, owner exited, or idle for GC."""
-        keys, self.tables.withdraw = self.tables.withdraw, set()
-        socks = self.tables.socks
-        return [k for k in keys if k in socks and socks[k].offload is not None]
+    def take_withdrawals(self, most: int) -> list[FlowKey]:
+        """Offloaded flows whose elements must go (socket closed, owner exited, or idle for
+        GC), at most `most`; the others wait for the next call."""
+        pending, socks, out = self.tables.withdraw, self.tables.socks, []
+        while pending and len(out) < most:
+            key = pending.pop()
+            si = socks.get(key)
+            if si is not None and si.offload is not None:
+                out.append(key)
+        return out
 
     def offloaded_flows_of(self, tgids: list[int]) -> list[FlowKey]:
         socks, running = self.tables.socks, self.tables.running

@@ -64,10 +64,13 @@ class Ledger:
 
 
 class Persistence:
-    def __init__(self, store: Store, engine: Engine, exit_grace: float):
+    def __init__(
+        self, store: Store, engine: Engine, exit_grace: float, pause: Callable[[], None] = lambda: None
+    ):
         self.store = store
         self.engine = engine
         self.exit_grace = exit_grace
+        self.pause = pause  # called within long writes (see Store.checkpoint)
         self.ledgers: dict[str | None, Ledger] = {}
         self._pending_gaps: list[dict] = []  # unaccounted gaps whose write failed: retried
 
@@ -169,7 +172,7 @@ class Persistence:
             scopes.setdefault(k[5], Offloaded(coverage_key(k[5]), {}, [])).forgotten.append(flow_bytes(k[:5]))
         try:
             self.store.checkpoint(
-                [t.row() for t in changed], self._pending_gaps, state, list(scopes.values())
+                [t.row() for t in changed], self._pending_gaps, state, list(scopes.values()), self.pause
             )
         except BaseException:  # written next time, with whatever changes meanwhile
             self.engine.credited.update(credited)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import functools
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import text
 
 PROC = "/proc"
+# Descriptors a whole read of /proc/PID/fd takes between pauses (SocketIndex): 4-14 ms of readlink.
+PAUSE_EVERY = 1024
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,21 @@ def socket_fds(pid: int) -> list[tuple[str, int]]:
         return []
 
 
-def _socket_links(pid: int) -> list[tuple[str, int]]:
+def _socket_links(pid: int, pause: Callable[[], None] | None = None) -> list[tuple[str, int]]:
     """(fd, inode) of the sockets process `pid` has open; OSError if its fd directory cannot be
-    listed (gone, or another user's without CAP_SYS_PTRACE: PermissionError)."""
+    listed (gone, or another user's without CAP_SYS_PTRACE: PermissionError). `pause` is called
+    every PAUSE_EVERY descriptors read (see SocketIndex)."""
     fd_dir = f"{PROC}/{pid}/fd"
     found = []
-    for name in os.listdir(fd_dir):
+    for n, name in enumerate(os.listdir(fd_dir), 1):
         try:
             target = os.readlink(f"{fd_dir}/{name}")
         except OSError:
             continue
         if target.startswith("socket:["):
             found.append((name, int(target[8:-1])))
+        if pause is not None and n % PAUSE_EVERY == 0:
+            pause()
     return found
 
 
@@ -207,12 +213,18 @@ class SocketIndex:
     a readlink each); at 3,000 new flows a second from such processes the daemon fell seconds
     behind and the kernel passed 3% of the flows unseen (bench/modes.py, 100,000 flows). A
     probe that misses (a descriptor number reused) falls back to the whole read.
+
+    A whole read calls `pause` every PAUSE_EVERY descriptors: the daemon serves its queues
+    there. Reading the first time one of six processes holding 18,000 sockets each took the
+    loop 520-600 ms with the machine busy, and the guard, seeing the queue unread for a whole
+    GUARD_CHECK, passed 3,300 packets unseen (bench/modes.py, 100,000 flows, 2026-11-25).
     """
 
     RECENT = 16
     PROBE_GAP = 4  # absent descriptor numbers in a row that end a probe
 
-    def __init__(self) -> None:
+    def __init__(self, pause: Callable[[], None] | None = None) -> None:
+        self.pause = pause
         # inode → pid << 32 | fd: one int per socket, not a (pid, "fd") tuple. At 100,000 sockets
         # the index took 226 bytes a socket with tuples, 116 with one int (tracemalloc, 2026-11-25).
         self._owner: dict[int, int] = {}
@@ -228,7 +240,7 @@ class SocketIndex:
     def _scan(self, pid: int, index: dict[int, int]) -> None:
         self.scans += 1
         try:
-            links = _socket_links(pid)
+            links = _socket_links(pid, self.pause)
         except OSError:  # gone, or another user's without the capability
             return
         highest = -1

@@ -188,6 +188,9 @@ class Tables:
         # Offloaded flows whose elements must go (their socket closed, or GC would drop them):
         # the daemon reads their last counts as it removes them (nfacct.offload).
         self.withdraw: set[FlowKey] = set()
+        # Offloaded flows GC would drop, with their last_seen then: dropped as their elements go,
+        # unless a packet came meanwhile (withdrawals take several loop turns: see nfacct.service).
+        self.drop_withdrawn: dict[FlowKey, float] = {}
         self.offload_again: list[FlowKey] = []  # settled flows on the queue path, seen by GC
 
     def task(
@@ -261,9 +264,19 @@ class Tables:
         local, remote = shared.setdefault(key[1], key[1]), shared.setdefault(key[3], key[3])
         return (key[0], local, key[2], remote, *key[4:])
 
+    def withdrawn(self, si: SockInfo) -> None:
+        """The flow's elements are gone, its last counts credited: its packets come to us again,
+        and GC drops it now if it wanted to and no packet came since."""
+        si.offload = None
+        marked = self.drop_withdrawn.pop(si.key, None)
+        if marked is not None and marked == si.last_seen:
+            self.remove_sock(si)
+            self.gc_removed_socks += 1
+
     def remove_sock(self, si: SockInfo) -> None:
         # Temporary counters are never dropped: a re-check still out gives them to the old
         # owner, a first lookup still out to the unidentified totals.
+        self.drop_withdrawn.pop(si.key, None)
         if si.state in (SockInfo.PENDING, SockInfo.ORPHANED, SockInfo.RECHECK):
             si.give_up(self.unidentified_for(si.uid))
         del self.socks[si.key]
@@ -320,7 +333,8 @@ class Tables:
                 or (proto != TCP and lport > 1024 and idle >= cfg.udp_idle)
             ):
                 if si.offload is not None:
-                    self.withdraw.add(si.key)  # its last counts first; the next cycle drops it
+                    self.withdraw.add(si.key)  # its last counts first; dropped then (`withdrawn`)
+                    self.drop_withdrawn[si.key] = si.last_seen
                     continue
                 self.remove_sock(si)
                 self.gc_removed_socks += 1

@@ -142,6 +142,59 @@ def test_a_process_that_exits_is_written_with_its_elements_last_counts(
     assert d.stop() == 0
 
 
+MANY_SOCKETS = """
+import resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((sys.argv[2], int(sys.argv[3])))
+    s.send(b"first")
+    socks.append(s)
+print("sent", flush=True)
+sys.stdin.readline()
+for s in socks:
+    s.send(b"second, counted by its element")
+"""
+
+
+def test_a_process_with_more_flows_than_one_turn_withdraws_is_written_whole(
+    lab, counters, port, procs, daemons, tmp_path
+):
+    """3,000 offloaded flows of one process that exits: their elements go over several loop
+    turns (WITHDRAW_MOST a turn, so the queue is served in between), and the process is written
+    once the last has gone, with exactly what the kernel counted."""
+    flows, sink = 3000, port()
+    counters.add("many", "out", f"udp dport {sink}")
+    receive = "import socket, sys, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    receive += f"s.bind(('{PEER_V4}', {sink}))\nprint('ready', flush=True)\ntime.sleep(300)"
+    receiver = ["python3", "-c", receive]
+    procs.append(subprocess.Popen(lab.cmd(lab.peer, receiver), stdout=subprocess.PIPE, text=True))
+    assert procs[-1].stdout.readline() == "ready\n"
+    d = Daemon(lab.acct, tmp_path, "--checkpoint-interval", "60")
+    daemons.append(d)
+    argv = lab.cmd(lab.acct, ["python3", "-c", MANY_SOCKETS, str(flows), PEER_V4, str(sink)])
+    sender = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs.append(sender)
+    assert sender.stdout.readline() == "sent\n"
+    assert until(lambda: elements_in_kernel(lab, sink), 2 * flows, 30) == 2 * flows
+    removed = d.status()["offload"]["removed"]
+    sender.stdin.write("go\n")
+    sender.stdin.close()
+    assert sender.wait(timeout=30) == 0
+
+    def written() -> dict | None:
+        row = exited_rows(d.db).get(sender.pid)
+        return row and {k: row[k] for k in ("udpsndpacks", "udpsndbytes")}
+
+    packets, nbytes = counters.read()["many"]
+    assert packets == 2 * flows
+    assert until(written, {"udpsndpacks": packets, "udpsndbytes": nbytes}, 30)
+    assert elements_in_kernel(lab, sink) == 0
+    assert d.status()["offload"]["removed"] - removed == flows
+    assert d.stop() == 0
+
+
 def test_a_daemon_killed_mid_flow_is_continued_from_its_elements(
     lab, counters, port, procs, daemons, tmp_path, echo
 ):
@@ -359,7 +412,7 @@ def test_a_flow_removed_and_added_again_during_a_reading_is_not_counted_twice(la
     offloader = Offloader(FlowSets(lab.acct), engine, Faults(), limit=100, netns=lab.acct)
 
     def flush() -> None:
-        offloader.flush(engine.take_withdrawals(), engine.take_offloadable())
+        offloader.flush(engine.take_withdrawals(100), engine.take_offloadable())
 
     try:
         lo = bytes([127, 0, 0, 1])

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from conftest import SYSTEM_PYTHON, until
 
-from nfacct.procs import SocketIndex, is_alive, process_facts
+from nfacct.procs import PAUSE_EVERY, SocketIndex, is_alive, process_facts
 
 
 @pytest.fixture
@@ -86,7 +86,8 @@ for line in sys.stdin:
 def test_a_process_that_keeps_opening_sockets_is_probed_not_read_again():
     """A process with 2,000 sockets opens 50 more: each is found by reading only the descriptors
     above the highest known (no whole read of its directory); a descriptor number it reuses for
-    a new socket is found by the whole read the probe falls back to."""
+    a new socket is found by the whole read the probe falls back to. A whole read pauses every
+    PAUSE_EVERY descriptors (the daemon serves its queues there)."""
     holder = subprocess.Popen(
         [SYSTEM_PYTHON, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -101,8 +102,10 @@ def test_a_process_that_keeps_opening_sockets_is_probed_not_read_again():
 
     try:
         first = ask("open 2000")
-        index = SocketIndex()
+        pauses = []
+        index = SocketIndex(pause=lambda: pauses.append(1))
         assert index.owner(first[-1][1]) == holder.pid  # found by reading every process
+        assert len(pauses) >= 2000 // PAUSE_EVERY, "a whole read pauses for the daemon's queues"
         scans = index.scans
         more = ask("open 50")
         assert [index.owner(inode) for _, inode in more] == [holder.pid] * 50

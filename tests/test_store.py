@@ -17,7 +17,7 @@ import traceback
 import pytest
 
 from lab.daemon import Daemon
-from nfacct.store import SCHEMA_VERSION, Store
+from nfacct.store import FLOW_ROWS, SCHEMA_VERSION, Offloaded, Store
 from nfacct.tables import COUNTER_NAMES
 
 NOBODY = 65534
@@ -259,3 +259,21 @@ def test_discard_removes_what_the_store_created_and_nothing_else(tmp_path):
     store.discard()
     store.discard()  # twice, or after close: the same
     assert [r["pid"] for r in Store(existing, readonly=True).exited()] == [0]
+
+
+# ---- a long checkpoint lets the daemon serve its queues ------------------------------------------
+
+
+def test_a_checkpoint_of_many_flows_pauses_between_chunks_and_writes_them_all(tmp_path):
+    """5,000 offloaded readings and 3,000 flows gone: the writing pauses between chunks of
+    FLOW_ROWS (where the daemon reads its queues), within one transaction that keeps them all."""
+    store = Store(str(tmp_path / "nfacct.db"))
+    flow = [i.to_bytes(4, "big") for i in range(8000)]
+    store.checkpoint([], offloaded=[Offloaded("ns", {f: [1, 2, 3, 4] for f in flow}, [])])
+    pauses = []
+    gone = Offloaded("ns", {f: [5, 6, 7, 8] for f in flow[:5000]}, flow[5000:])
+    store.checkpoint([], offloaded=[gone], pause=lambda: pauses.append(len(store.offloaded("ns"))))
+    assert len(pauses) == -(-5000 // FLOW_ROWS) + -(-3000 // FLOW_ROWS)
+    assert pauses[0] == 8000, "another connection sees nothing of the transaction under way"
+    saved = store.offloaded("ns")
+    assert len(saved) == 5000 and all(saved[f] == [5, 6, 7, 8] for f in flow[:5000])
