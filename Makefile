@@ -47,6 +47,7 @@ bench: setup
 	$(PY) bench/setup_latency.py
 	$(PY) bench/metrics_scrape.py
 	$(PY) bench/modes.py
+	$(PY) bench/floors.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

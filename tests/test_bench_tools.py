@@ -166,3 +166,17 @@ def test_the_metrics_scrape_bench_runs():
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [("100", "813"), ("300", "2,413")]  # commands, series
+
+
+@pytest.mark.root
+def test_the_floors_bench_runs(tmp_path):
+    """bench/floors.py rebuilds nfacct's ruleset in parts and binds the queue four ways; a short
+    run of each must carry traffic (no figure is judged here)."""
+    out = tmp_path / "floors.json"
+    argv = [sys.executable, "bench/floors.py", "--runs", "1", "--seconds", "0.3", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(out.read_text())
+    assert set(res["chains"]) == {"kernel", "as installed", "mark only", "lookup only"}
+    assert len(res["consumers"]) == 4
+    assert all(runs[0] > 0 for group in ("chains", "consumers") for runs in res[group].values())
