@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .faults import Faults
 from .packet import ICMP, ICMPV6, TCP, UDP, Malformed, parse
@@ -321,8 +322,8 @@ class Engine:
         self._offloadable = [k for k in self._offloadable if k[5] != netns]
         return len(doomed)
 
-    def gc(self, now: float | None = None) -> None:
-        self.tables.gc(now)
+    def gc(self, now: float | None = None, pause: Callable[[], None] = lambda: None) -> None:
+        self.tables.gc(now, pause)
 
     # ---- what to show and to write -------------------------------------------------------------
 

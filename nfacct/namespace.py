@@ -201,17 +201,17 @@ class Namespace:
         for proto, e in self.destroy.read():
             self.engine.socket_closed(self.name, proto, e.local, e.lport, e.remote, e.rport)
 
-    def dump_closed(self) -> None:
+    def dump_closed(self, pause: Callable[[], None] = lambda: None) -> None:
         """Without destroy events, or when some were lost (closing 100,000 sockets at once
         overran them: bench/modes.py), the sockets left tell which flows closed; else those flows
-        would wait for --unreferenced-idle (60 s)."""
+        would wait for --unreferenced-idle (60 s). `pause` is called as the dumps go on."""
         if self.destroy is not None and self.destroy.overruns <= self.closes_seen:
             return
         self.closes_seen = self.destroy.overruns if self.destroy else 0
         live = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             for proto in (6, 17):
-                for e in self.sockdiag.dump(family, proto, ALL_STATES):
+                for e in self.sockdiag.dump(family, proto, ALL_STATES, pause):
                     if e.inode:
                         live.add((proto, e.lport))
         self.engine.close_all_but(self.name, live)

@@ -403,11 +403,14 @@ class Service:
     def _serve_queues(self) -> None:
         """Read every queue once, within a long piece of work (see SocketIndex): packets get
         their count and verdict as in a turn of the loop, and the guard sees the daemon read. A
-        queue that fails is left to the loop's own read, which drops its namespace."""
+        queue that fails is counted here and left to the loop's own read, which drops its
+        namespace."""
         for ns in self.spaces.values():
             if ns.queue is not None:  # bound (a namespace being added is not yet)
-                with contextlib.suppress(OSError):
+                try:
                     ns.queue.dispatch(DISPATCH_MOST)
+                except OSError as e:
+                    self.faults.record("reading a queue within long work", e)
 
     def _check_namespaces(self) -> None:
         for ns in list(self.spaces.values()):
@@ -764,13 +767,13 @@ class Service:
             self.atop.before_gc()  # exits the GC may drop are still owed to atop clients
         try:
             for ns in self.spaces.values():
-                ns.dump_closed()
+                ns.dump_closed(self._serve_queues)
         finally:  # a failed dump must not cost the cycle its idle and exited removals
             if self.metrics:
                 self.metrics.refresh()  # what the GC drops is in the aggregates first
             self._offload("refresh", FRESH)  # offloaded flows are idle only if their elements say so
-            self.engine.gc()
-            self._flush()  # idle offloaded flows: their elements go first, GC drops them next
+            self.engine.gc(pause=self._serve_queues)
+            self._flush()  # idle offloaded flows: their elements go first, GC drops them as they go
 
     def close(self) -> None:
         self._resources.close()

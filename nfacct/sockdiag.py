@@ -36,6 +36,8 @@ from .packet import TCP, UDP
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
+# Datagrams of a dump read between pauses: up to 32 KiB each, some 300 sockets
+DUMP_PAUSE_EVERY = 16
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 # Attributes of an inet_diag_msg (linux/inet_diag.h). Those up to SHUTDOWN come when asked for
 # (bit n-1 of idiag_ext asks for attribute n); the others whenever they apply.
@@ -316,13 +318,24 @@ class SockDiag:
     def close(self) -> None:
         self._sock.close()
 
-    def _request(self, msg: bytes, decode: Callable[[bytes, int, int], T] = decode_message) -> list[T]:
+    def _request(
+        self,
+        msg: bytes,
+        decode: Callable[[bytes, int, int], T] = decode_message,
+        pause: Callable[[], None] = lambda: None,
+    ) -> list[T]:
+        """Send `msg` and read its whole answer; `pause` is called every DUMP_PAUSE_EVERY
+        datagrams of it (a dump of 100,000 sockets is hundreds)."""
         self.requests += 1
         self._sock.send(msg)
         entries: list[T] = []
+        datagrams = 0
         while True:
             if parse_answer(self._sock.recv(netlink.RECV_SIZE), self._seq, entries, decode):
                 return entries
+            datagrams += 1
+            if datagrams % DUMP_PAUSE_EVERY == 0:
+                pause()
 
     def lookup(
         self, proto: int, local: bytes, lport: int, remote: bytes, rport: int, ifindex: int = 0
@@ -347,10 +360,12 @@ class SockDiag:
         entries = self._request(msg)
         return entries[0] if entries else None
 
-    def dump(self, family: int, proto: int, states: int = ALL_STATES) -> list[SockEntry]:
+    def dump(
+        self, family: int, proto: int, states: int = ALL_STATES, pause: Callable[[], None] = lambda: None
+    ) -> list[SockEntry]:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         msg = _encode_request(family, proto, 0, 0, b"", b"", 0, states, self._seq, NLM_F_REQUEST | NLM_F_DUMP)
-        return self._request(msg)
+        return self._request(msg, pause=pause)
 
     def dump_details(self, family: int, proto: int) -> list[SockDetail]:
         """Every socket of `family` and `proto` in every state, with the extensions (SockDetail)."""

@@ -10,7 +10,7 @@ from conftest import facts, udp_out
 from nfacct.coverage import NOT_COUNTING, QUEUE_FULL, RULES_RESET, Coverage
 from nfacct.engine import Engine
 from nfacct.resolver import Answer
-from nfacct.tables import PENDING_HORIZON, GcConfig, SockInfo, Tables
+from nfacct.tables import GC_PAUSE_EVERY, PENDING_HORIZON, GcConfig, SockInfo, Tables
 
 
 def test_coverage_records_what_the_counter_saw_and_the_engine_did_not():
@@ -74,3 +74,24 @@ def test_gc_waits_for_a_pending_lookup_and_never_drops_its_counts():
     tables.gc(now=PENDING_HORIZON + 1)  # nobody answered: counted as unidentified, not lost
     assert key not in tables.socks
     assert tables.unidentified[4:6] == [1, 100]
+
+
+def test_a_gc_sweep_pauses_for_the_queues_and_keeps_what_packets_bring_meanwhile():
+    """20,000 idle flows: the sweep pauses every GC_PAUSE_EVERY (the daemon reads its queues
+    there); a packet of a new flow counted during a pause stays, the idle flows go, their
+    counts kept as unidentified."""
+    engine = Engine()
+    for sport in range(20_000):
+        engine.account(udp_out(10_000 + sport)[0], True, now=0.0)
+    late, late_key = udp_out(5000)
+    pauses = []
+
+    def pause() -> None:
+        pauses.append(len(engine.tables.socks))
+        engine.account(late, True, now=100.0)
+
+    engine.gc(now=100.0, pause=pause)  # past every idle limit of the flows of time 0
+    assert len(pauses) == 20_000 // GC_PAUSE_EVERY
+    assert list(engine.tables.socks) == [late_key]
+    assert engine.tables.unidentified[4] == 20_000, "every idle flow's packet, none lost"
+    assert engine.tables.socks[late_key].flow[0] == len(pauses), "the late flow's packets, all kept"
