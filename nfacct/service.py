@@ -402,11 +402,12 @@ class Service:
 
     def _serve_queues(self) -> None:
         """Read every queue once, within a long piece of work (see SocketIndex): packets get
-        their count and verdict as in a turn of the loop, and the guard sees the daemon read. A
-        queue that fails is counted here and left to the loop's own read, which drops its
-        namespace."""
+        their count and verdict as in a turn of the loop, and the guard sees the daemon read. Only
+        the queues the loop watches: not one of a namespace being added or dropped. A queue that
+        fails is counted here and left to the loop's own read, which drops its namespace."""
+        watched = self._sel.get_map()
         for ns in self.spaces.values():
-            if ns.queue is not None:  # bound (a namespace being added is not yet)
+            if ns.queue is not None and ns.queue.fileno() in watched:
                 try:
                     ns.queue.dispatch(DISPATCH_MOST)
                 except OSError as e:
