@@ -45,7 +45,7 @@ def socket_fds(pid: int) -> list[tuple[str, int]]:
         return []
 
 
-def _socket_links(pid: int, pause: Callable[[], None] | None = None) -> list[tuple[str, int]]:
+def _socket_links(pid: int, pause: Callable[[], None] = lambda: None) -> list[tuple[str, int]]:
     """(fd, inode) of the sockets process `pid` has open; OSError if its fd directory cannot be
     listed (gone, or another user's without CAP_SYS_PTRACE: PermissionError). `pause` is called
     every PAUSE_EVERY descriptors read (see SocketIndex)."""
@@ -58,7 +58,7 @@ def _socket_links(pid: int, pause: Callable[[], None] | None = None) -> list[tup
             continue
         if target.startswith("socket:["):
             found.append((name, int(target[8:-1])))
-        if pause is not None and n % PAUSE_EVERY == 0:
+        if n % PAUSE_EVERY == 0:
             pause()
     return found
 
@@ -223,7 +223,7 @@ class SocketIndex:
     RECENT = 16
     PROBE_GAP = 4  # absent descriptor numbers in a row that end a probe
 
-    def __init__(self, pause: Callable[[], None] | None = None) -> None:
+    def __init__(self, pause: Callable[[], None] = lambda: None) -> None:
         self.pause = pause
         # inode → pid << 32 | fd: one int per socket, not a (pid, "fd") tuple. At 100,000 sockets
         # the index took 226 bytes a socket with tuples, 116 with one int (tracemalloc, 2026-11-25).

@@ -294,11 +294,12 @@ class Service:
 
     def _flush(self) -> None:
         """The turn's changes to the flow sets, in one transaction per namespace: the flows that
-        ended and those of the processes that exited go, crediting their last counts, and the
-        flows attributed since the last flush come in; each namespace's offloader gets its own
-        (a namespace without flow sets keeps its flows on the queue path). Then the exits are
-        applied: what an exited process is written with is whole, and its sockets wait for
-        whoever holds them next. A failure is counted and logged once, never fatal."""
+        ended and those of the processes that exited go (WITHDRAW_MOST a turn, the rest in the
+        turns after), crediting their last counts, and the flows attributed since the last flush
+        come in; each namespace's offloader gets its own (a namespace without flow sets keeps its
+        flows on the queue path). Then the exits whose flows have all gone are applied: what an
+        exited process is written with is whole, and its sockets wait for whoever holds them
+        next. A failure is counted and logged once, never fatal."""
         gone: list[FlowKey] = []
         exits = []  # those whose last flows go now: settled after the transaction
         while self._exits and len(gone) < WITHDRAW_MOST:
