@@ -37,14 +37,6 @@ def _pids_newest_first() -> list[int]:
     return sorted((int(name) for name in os.listdir(PROC) if name.isdigit()), reverse=True)
 
 
-def socket_fds(pid: int) -> list[tuple[str, int]]:
-    """(fd, inode) of the sockets process `pid` has open ([] if it is gone or inaccessible)."""
-    try:
-        return _socket_links(pid)
-    except OSError:
-        return []
-
-
 def _socket_links(pid: int, pause: Callable[[], None] = lambda: None) -> list[tuple[str, int]]:
     """(fd, inode) of the sockets process `pid` has open; OSError if its fd directory cannot be
     listed (gone, or another user's without CAP_SYS_PTRACE: PermissionError). `pause` is called
