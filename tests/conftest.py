@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -9,6 +10,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from lab.daemon import Daemon
 from lab.hosts import ACCT_V4, Counters, Lab, NeedsRoot
 from nfacct.procs import ProcessFacts
 from nfacct.rules import Rules
+from nfacct.store import SCHEMA_VERSION, Store
 from nfacct.tables import COUNTER_NAMES
 
 ROOT_ONLY = "needs root (network namespaces, queue rules, a daemon, other users); unit tests run without"
@@ -224,3 +227,20 @@ def procs():
         if p.poll() is None:
             p.kill()
         p.wait()
+
+
+@contextlib.contextmanager
+def migrated(db: str, conn: sqlite3.Connection, version: int) -> Iterator[Store]:
+    """The database `conn` built by hand as schema `version` had it, with one exited process
+    "old": marked with that version, closed, and opened by Store, which must bring it to the
+    current schema with the old row kept (in no namespace). Yields the store, closed after."""
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.commit()
+    conn.close()
+    store = Store(db)
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert [(r["command"], r["netns"]) for r in store.exited()] == [("old", None)]
+        yield store
+    finally:
+        store.close()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import migrated
 from rich.console import Console
 
 from nfacct.display import print_tasks
@@ -187,8 +188,6 @@ def test_a_newer_schema_is_refused_clearly(tmp_path):
 def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
     import sqlite3
 
-    from nfacct.store import SCHEMA_VERSION, Store
-
     db = str(tmp_path / "v1.db")
     conn = sqlite3.connect(db)
     conn.execute(
@@ -198,18 +197,10 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
         " udprcvbytes INTEGER, PRIMARY KEY (pid, btime))"
     )
     conn.execute("INSERT INTO exited_tasks VALUES (7, 1.0, 'old', 'old', 0, '', 2.0, 1, 2, 3, 4, 5, 6, 7, 8)")
-    conn.execute("PRAGMA user_version = 1")
-    conn.commit()
-    conn.close()
-    store = Store(db)
-    try:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-        assert [(r["command"], r["netns"]) for r in store.exited()] == [("old", None)]
+    with migrated(db, conn, 1) as store:
         assert store.unaccounted() == (0, 0)
         assert store.state("covered:") is None
         assert store.offloaded("covered:") == {}
-    finally:
-        store.close()
 
 
 def test_takeover_without_a_daemon_to_take_over_is_a_clear_error(tmp_path):

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import sqlite3
 
-from conftest import facts
+from conftest import facts, migrated
 from scapy.layers.inet import IP, UDP
 
 from nfacct import netns
 from nfacct.display import several_namespaces
 from nfacct.engine import Engine
 from nfacct.resolver import Answer
-from nfacct.store import SCHEMA_VERSION, Store
+from nfacct.store import Store
 from nfacct.tables import TaskInfo
 from nfacct.topview import Snapshot, rows
 
@@ -80,13 +80,7 @@ def test_a_schema_3_database_gets_its_netns_columns_and_keeps_its_rows(tmp_path)
     conn = sqlite3.connect(db)  # as schema 3 had it: no netns anywhere
     for table in ("exited_tasks", "live_tasks", "unaccounted"):
         conn.execute(f"ALTER TABLE {table} DROP COLUMN netns")
-    conn.execute("PRAGMA user_version = 3")
-    conn.commit()
-    conn.close()
-    store = Store(db)
-    try:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-        assert [(r["command"], r["netns"]) for r in store.exited()] == [("old", None)]
+    with migrated(db, conn, 3) as store:
         web = TaskInfo(8, 1.0, "curl", "curl", 0, netns="web")
         store.save_exited([{**web.row(), "exit_time": 3.0, "udpsndbytes": 5}])
         grouped = {r["netns"]: r["processes"] for r in store.history(None, None, "netns")}
@@ -95,8 +89,6 @@ def test_a_schema_3_database_gets_its_netns_columns_and_keeps_its_rows(tmp_path)
             "old": None,
             "curl": "web",
         }
-    finally:
-        store.close()
 
 
 def test_top_groups_by_namespace():
